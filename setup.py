@@ -1,0 +1,37 @@
+"""basic: BASIC-style contrastive image-text training in JAX/Flax."""
+import setuptools
+
+# Versions pinned together: resolved and tested on Python 3.11 (CPU). On TPU VMs install
+# `jax[tpu]==0.10.2` on top (see README); on GPU `jax[cuda12]==0.10.2`.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorstore==0.1.86",
+    # tensorflow-text 2.21 depends on the full `tensorflow` wheel, so that is what we ask for;
+    # TensorFlow is used for the input pipeline only and is kept off accelerators.
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "ml_collections==1.1.0",
+    "clu==0.0.12",
+    "sentencepiece==0.2.3",
+    "tensorboard==2.21.0",
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
+    "etils==1.15.0",
+    "psutil==7.2.2",
+]
+
+setuptools.setup(
+    name="basic",
+    version="0.1.0",
+    description="BASIC-style contrastive image-text training in JAX/Flax, laptop to pod.",
+    packages=setuptools.find_packages(include=["basic", "basic.*"]),
+    package_data={"basic": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest==9.2.0"]},
+)

@@ -1,0 +1,142 @@
+"""Config validation: a bad config fails before anything is compiled, naming the field.
+
+`validate(config)` checks every field the framework reads; `ConfigError` messages start with
+the dotted field name, e.g. `config.batch_size=100: not divisible by config.microbatch_size=64`.
+"""
+import json
+
+import ml_collections
+
+from basic import optim
+from basic.models import dual_encoder
+from basic.models import transformer
+
+LOSSES = ('softmax', 'sigmoid')
+DATA_SOURCES = ('synthetic',)
+POOLS = {'image': ('gap', 'cls'), 'text': ('mean', 'eos', 'first')}
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message names the field."""
+
+
+def _get(config, field):
+  node = config
+  for part in field.split('.'):
+    if part not in node:
+      raise ConfigError(f'config.{field}: missing.')
+    node = node[part]
+  return node
+
+
+def _fail(field, value, why):
+  raise ConfigError(f'config.{field}={value!r}: {why}')
+
+
+def _int(config, field, minimum):
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    _fail(field, value, f'must be an integer >= {minimum}.')
+  return value
+
+
+def _positive(config, field):
+  value = _get(config, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    _fail(field, value, 'must be a number > 0.')
+  return value
+
+
+def _choice(config, field, choices):
+  value = _get(config, field)
+  if value not in choices:
+    _fail(field, value, f'must be one of {list(choices)}.')
+  return value
+
+
+def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
+             num_data_devices: int = 1):
+  """Raises ConfigError naming the first bad field. Returns the config unchanged."""
+  n = _int(config, 'batch_size', 1)
+  m = _int(config, 'microbatch_size', 1)
+  if n % m:
+    _fail('batch_size', n, f'not divisible by config.microbatch_size={m}.')
+  if n % num_processes:
+    _fail('batch_size', n, f'not divisible by the number of processes ({num_processes}).')
+  if m % num_data_devices:
+    _fail('microbatch_size', m,
+          f'not divisible by the number of data-parallel devices ({num_data_devices}).')
+  _choice(config, 'loss', LOSSES)
+  _int(config, 'loss_chunk_size', 0)
+  for field in ('total_steps', 'log_every_steps', 'eval_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints'):
+    _int(config, field, 1)
+  _int(config, 'seed', 0)
+
+  _choice(config, 'data.source', DATA_SOURCES)
+  image_size = _int(config, 'data.image_size', 1)
+  _int(config, 'data.text_length', 1)
+  for field in ('data.mean', 'data.std'):
+    value = _get(config, field)
+    if len(value) != 3:
+      _fail(field, value, 'must have 3 entries (RGB).')
+  if min(config.data.std) <= 0:
+    _fail('data.std', config.data.std, 'entries must be > 0.')
+
+  _int(config, 'model.embed_dim', 1)
+  _positive(config, 'model.temperature_init')
+  _positive(config, 'model.temperature_min')
+  _choice(config, 'model.dtype', tuple(dual_encoder.DTYPES))
+  _choice(config, 'model.image.name', dual_encoder.IMAGE_TOWERS)
+  _choice(config, 'model.text.name', dual_encoder.TEXT_TOWERS)
+  patch = _int(config, 'model.image.patch_size', 1)
+  if image_size % patch:
+    _fail('model.image.patch_size', patch,
+          f'must divide config.data.image_size={image_size}.')
+  for tower in ('image', 'text'):
+    width = _int(config, f'model.{tower}.width', 1)
+    heads = _int(config, f'model.{tower}.num_heads', 1)
+    if width % heads:
+      _fail(f'model.{tower}.num_heads', heads, f'must divide model.{tower}.width={width}.')
+    _int(config, f'model.{tower}.depth', 1)
+    _int(config, f'model.{tower}.mlp_dim', 1)
+    _choice(config, f'model.{tower}.pool', POOLS[tower])
+    _choice(config, f'model.{tower}.remat', tuple(transformer.REMAT_POLICIES))
+    dropout = _get(config, f'model.{tower}.dropout')
+    if not 0 <= dropout < 1:
+      _fail(f'model.{tower}.dropout', dropout, 'must be in [0, 1).')
+  _int(config, 'model.text.vocab_size', 8)
+
+  _choice(config, 'tokenizer.kind', ('sentencepiece',))
+
+  _choice(config, 'optimizer.name', optim.OPTIMIZERS)
+  _choice(config, 'optimizer.schedule', optim.SCHEDULES)
+  _positive(config, 'optimizer.learning_rate')
+  _int(config, 'optimizer.warmup_steps', 0)
+  if config.optimizer.weight_decay < 0:
+    _fail('optimizer.weight_decay', config.optimizer.weight_decay, 'must be >= 0.')
+
+  for axis, size in config.mesh.items():
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      _fail(f'mesh.{axis}', size, 'must be a positive integer or -1 (the remaining devices).')
+  return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  """{'model.image.width': 128, ...} for logging hyper-parameters."""
+  out = {}
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(flatten(value, name + '.'))
+    else:
+      out[name] = value
+  return out

@@ -1,0 +1,90 @@
+"""DualEncoder: image tower + text tower + linear projections + learnable temperature.
+
+encode_image: uint8 or float images [B, H, W, 3] -> L2-normalised embeddings [B, embed_dim].
+encode_text: int32 token ids [B, L] -> L2-normalised embeddings [B, embed_dim].
+The temperature is stored as its log (`log_temperature`), initialised at
+`config.model.temperature_init` and clipped below at `config.model.temperature_min`, as CLIP
+clips its logit scale at 100.
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from basic.models import text as text_lib
+from basic.models import vit
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+IMAGE_TOWERS = ('vit',)
+TEXT_TOWERS = ('transformer',)
+
+
+def _image_tower(cfg, dtype):
+  if cfg.name == 'vit':
+    return vit.ViT(patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth,
+                   num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pool=cfg.pool,
+                   posemb=cfg.get('posemb', 'learn'), dropout=cfg.dropout, remat=cfg.remat,
+                   dtype=dtype, name='image')
+  raise ValueError(f'Unknown config.model.image.name {cfg.name!r}.')
+
+
+def _text_tower(cfg, dtype):
+  if cfg.name == 'transformer':
+    return text_lib.TextTransformer(
+        vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+        mlp_dim=cfg.mlp_dim, causal=cfg.causal, pool=cfg.pool, dropout=cfg.dropout,
+        remat=cfg.remat, dtype=dtype, name='text')
+  raise ValueError(f'Unknown config.model.text.name {cfg.name!r}.')
+
+
+def l2_normalize(x, eps=1e-6):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class DualEncoder(nn.Module):
+  """The contrastive model of a config: `DualEncoder(config)` (the full experiment config).
+
+  Reads `config.model` (towers, embed_dim, temperature) and `config.data.mean/std` (image
+  normalisation applied to uint8 inputs on device).
+  """
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    m = self.config.model
+    dtype = DTYPES[m.dtype]
+    self.image = _image_tower(m.image, dtype)
+    self.text = _text_tower(m.text, dtype)
+    self.image_proj = nn.Dense(m.embed_dim, use_bias=False, name='image_proj')
+    self.text_proj = nn.Dense(m.embed_dim, use_bias=False, name='text_proj')
+    self.log_temperature = self.param(
+        'log_temperature', nn.initializers.constant(np.log(m.temperature_init)), (),
+        jnp.float32)
+
+  def encode_image(self, images, *, train: bool = False):
+    """[B, H, W, 3] uint8 (or float already normalised) -> [B, embed_dim] unit vectors."""
+    if images.dtype == jnp.uint8:
+      mean = jnp.asarray(self.config.data.mean, jnp.float32)
+      std = jnp.asarray(self.config.data.std, jnp.float32)
+      images = (images.astype(jnp.float32) / 255. - mean) / std
+    return l2_normalize(self.image_proj(self.image(images, train=train)))
+
+  def encode_text(self, tokens, *, train: bool = False):
+    """[B, L] int32 -> [B, embed_dim] unit vectors."""
+    return l2_normalize(self.text_proj(self.text(tokens, train=train)))
+
+  def temperature(self):
+    """Scalar temperature, clipped at config.model.temperature_min."""
+    return temperature_from_params({'log_temperature': self.log_temperature}, self.config)
+
+  def __call__(self, images, tokens, *, train: bool = False):
+    """-> (image_emb [B, d], text_emb [B, d])."""
+    return self.encode_image(images, train=train), self.encode_text(tokens, train=train)
+
+
+def temperature_from_params(params, config):
+  """The clipped temperature from a params dict holding `log_temperature`."""
+  lo = np.log(config.model.temperature_min)
+  return jnp.exp(jnp.maximum(params['log_temperature'], lo))

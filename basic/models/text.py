@@ -1,0 +1,53 @@
+"""Transformer text tower. [B, L] int32 token ids (0 = padding) -> [B, width] pooled features."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from basic.models import transformer
+
+PAD_ID = 0
+
+
+class TextTransformer(nn.Module):
+  """Token + learned position embeddings, a pre-norm Transformer, then pooling.
+
+  causal: each token attends to itself and earlier tokens only (CLIP); else bidirectional.
+  Padding tokens are never attended to. pool: 'mean' over non-padding tokens, 'eos' = the last
+  non-padding token (CLIP's EOT pooling when the tokenizer appends EOS), 'first' = token 0.
+  """
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  causal: bool = False
+  pool: str = 'mean'
+  dropout: float = 0.0
+  remat: str = 'none'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    _, length = tokens.shape
+    valid = tokens != PAD_ID                                               # [B, L]
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                 dtype=self.dtype, name='token_embedding')(tokens)
+    pos = self.param('pos_embedding', nn.initializers.normal(0.01),
+                     (1, length, self.width), jnp.float32)
+    x = x + pos.astype(x.dtype)
+    x = nn.Dropout(self.dropout)(x, not train)
+    mask = nn.make_attention_mask(valid, valid)                            # [B, 1, L, L]
+    if self.causal:
+      mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
+    # A row with no valid key (an all-padding caption) attends to itself to stay finite.
+    mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
+    x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout,
+                            self.remat, self.dtype, name='encoder')(x, mask, train=train)
+    if self.pool == 'mean':
+      w = valid.astype(x.dtype)[..., None]
+      return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1)
+    if self.pool == 'eos':
+      last = jnp.maximum(valid.sum(axis=1) - 1, 0)
+      return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    if self.pool == 'first':
+      return x[:, 0]
+    raise ValueError(f'Unknown text pool {self.pool!r}.')

@@ -1,0 +1,244 @@
+r"""Trains a dual encoder: `python -m basic.train --config=configs/tiny.py --workdir=DIR`.
+
+Any config field can be overridden, e.g. `--config.total_steps=50 --config.batch_size=128`.
+Running the same command again resumes from the latest checkpoint in `DIR/checkpoints`.
+Writes `DIR/metrics.jsonl` (one JSON object per logged step), TensorBoard events in `DIR`, and
+checkpoints; evaluates zero-shot every `eval_every_steps` and at the end.
+"""
+import os
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+from clu import periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from basic import checkpoint as checkpoint_lib
+from basic import config_lib
+from basic import contrastive
+from basic import gradcache
+from basic import metric_writers
+from basic import optim
+from basic import sharding
+from basic import tokenizer as tokenizer_lib
+from basic.data import pipeline
+from basic.evaluate import zeroshot
+from basic.models import DualEncoder
+from basic.models import temperature_from_params
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jnp.ndarray
+  params: Any
+  opt_state: Any
+
+
+def make_loss_fn(config):
+  """-> loss_fn(params, image_emb [N, d], text_emb [N, d]) -> scalar, per `config.loss`."""
+  chunk = config.loss_chunk_size or None
+
+  def loss_fn(params, image_emb, text_emb):
+    temperature = temperature_from_params(params, config)
+    if config.loss == 'softmax':
+      return contrastive.softmax_loss(image_emb, text_emb, temperature, chunk_size=chunk)
+    return contrastive.sigmoid_loss(image_emb, text_emb, temperature, params['bias'],
+                                    chunk_size=chunk)
+  return loss_fn
+
+
+def make_encode_fn(model):
+  """-> encode_fn(params, batch, rng) -> (image_emb, text_emb), dropout drawn from rng."""
+  def encode_fn(params, batch, rng):
+    return model.apply({'params': params}, batch['image'], batch['text'], train=True,
+                       rngs={'dropout': rng})
+  return encode_fn
+
+
+def make_train_step(config, model, tx, schedule):
+  """-> train_step(state, batch, rng) -> (state, metrics), pure; jit it with shardings.
+
+  The gradient is the exact full-batch gradient of the contrastive loss, computed in
+  batch_size / microbatch_size microbatches (basic.gradcache). The step's randomness is
+  fold_in(rng, state.step), and microbatch k uses fold_in(that, k).
+  """
+  num_microbatches = config.batch_size // config.microbatch_size
+  value_and_grad = gradcache.value_and_grad(make_encode_fn(model), make_loss_fn(config),
+                                            num_microbatches=num_microbatches)
+
+  def train_step(state, batch, rng):
+    step_rng = jax.random.fold_in(rng, state.step)
+    loss, grads = value_and_grad(state.params, batch, step_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'train/loss': loss,
+        'train/temperature': temperature_from_params(params, config),
+        'train/learning_rate': schedule(state.step),
+        'train/grad_norm': optax.global_norm(grads),
+        'train/param_norm': optax.global_norm(params),
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return train_step
+
+
+def init_batch(config, batch_size: int):
+  """Dummy inputs of the config's shapes, for init and compilation."""
+  size = config.data.image_size
+  return {'image': jnp.zeros((batch_size, size, size, 3), jnp.uint8),
+          'text': jnp.zeros((batch_size, config.data.text_length), jnp.int32)}
+
+
+def create_train_state(config, model, tx, mesh):
+  """Initialises the train state directly with its shardings (no full host copy first)."""
+  def init():
+    batch = init_batch(config, 2)
+    params = model.init(jax.random.key(config.seed), batch['image'], batch['text'])['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  abstract = jax.eval_shape(init)
+  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  return jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def _first_nonfinite(pending):
+  for step, loss in pending:
+    if not np.isfinite(float(loss)):
+      return step
+  return None
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs (or resumes) training in `workdir`; returns the final evaluation metrics."""
+  num_processes = jax.process_count()
+  mesh = sharding.make_mesh(config.mesh)
+  config_lib.validate(config, num_processes=num_processes,
+                      num_data_devices=mesh.shape[sharding.DATA_AXIS])
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      f.write(config_lib.to_json(config))
+
+  tok_path = tokenizer_lib.ensure_tokenizer(config, workdir)
+  tokenizer = tokenizer_lib.Tokenizer.from_config(config.tokenizer, tok_path,
+                                                  config.data.text_length)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise config_lib.ConfigError(
+        f'config.model.text.vocab_size={config.model.text.vocab_size}: smaller than the '
+        f'tokenizer vocabulary ({tokenizer.vocab_size}, {tok_path}).')
+
+  model = DualEncoder(config)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  state, state_shardings = create_train_state(config, model, tx, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info('Model: %d parameters (%.2fM).', num_params, num_params / 1e6)
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                     max_to_keep=config.keep_checkpoints)
+  last_good = ckpt.latest_step()
+  if last_good is not None:
+    state = ckpt.restore(state, last_good)
+    logging.info('Resumed from checkpoint step %d.', last_good)
+  start_step = int(state.step)
+
+  writer = metric_writers.create_writer(workdir)
+  if start_step == 0:
+    writer.write_hparams({'num_params': num_params, **{
+        k: v for k, v in config_lib.flatten(config).items() if isinstance(v, (int, float, str))}})
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      make_train_step(config, model, tx, schedule),
+      in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  rng = jax.random.key(config.seed + 1)
+  train_iter = pipeline.make_train_iterator(
+      config, tokenizer, start_step=start_step, process_index=jax.process_index(),
+      process_count=num_processes)
+  zeroshot_data = pipeline.make_zeroshot_data(config) if config.eval.zeroshot else None
+
+  def run_eval(step):
+    if zeroshot_data is None:
+      return {}
+    results = zeroshot.evaluate(model, state.params, tokenizer, zeroshot_data,
+                                batch_size=config.microbatch_size)
+    writer.write_scalars(step, results)
+    logging.info('Zero-shot at step %d: top1=%.4f top5=%.4f (%d classes, %d images)', step,
+                 results['zeroshot/top1'], results['zeroshot/top5'],
+                 int(results['zeroshot/num_classes']), int(results['zeroshot/num_images']))
+    return results
+
+  def check_finite(pending):
+    bad = _first_nonfinite(pending)
+    if bad is not None:
+      ckpt.wait()
+      where = (f'the last good checkpoint is step {last_good} in {ckpt.directory}'
+               if last_good is not None else 'no checkpoint was written yet')
+      raise NonFiniteLossError(f'Non-finite loss at step {bad}; {where}.')
+
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
+                                           every_steps=config.log_every_steps)
+  pending, window = [], []
+  results = {}
+  step = start_step
+  while step < config.total_steps:
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch, rng)
+    step += 1
+    pending.append((step, metrics['train/loss']))
+    window.append(metrics)
+    report(step)
+    is_last = step == config.total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      check_finite(pending)
+      pending = []
+      scalars = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
+      writer.write_scalars(step, scalars)
+      window = []
+    if step % config.checkpoint_every_steps == 0 or is_last:
+      check_finite(pending)
+      pending = []
+      ckpt.save(step, state, config)
+      last_good = step
+    if step % config.eval_every_steps == 0 or is_last:
+      results = run_eval(step)
+  if start_step == config.total_steps:  # Already finished: evaluate the restored state.
+    results = run_eval(step)
+  ckpt.wait()
+  ckpt.close()
+  writer.flush()
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _WORKDIR.value is None:
+    raise app.UsageError('--workdir is required.')
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/tiny.py.')
+  logging.info('JAX devices: %s; process %d of %d.', jax.devices(), jax.process_index(),
+               jax.process_count())
+  results = train_and_evaluate(config, _WORKDIR.value)
+  if results:
+    print(' '.join(f'{k}={v:.4f}' for k, v in sorted(results.items())))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,97 @@
+"""The embedded default: a ~1M-parameter dual encoder trained on CPU in minutes.
+
+Trains on the built-in synthetic shapes dataset (no download), evaluates zero-shot on colour x
+shape combinations that never occur in training, among all combinations.
+
+  python -m basic.train --config=configs/tiny.py --workdir=/tmp/basic_tiny
+  python -m basic.train --config=configs/tiny.py --workdir=/tmp/x --config.total_steps=50
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg  # The tiny config takes no argument string.
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Contrastive batch and its exact gradient-cached execution (see basic/gradcache.py).
+  config.batch_size = 256          # N, global over all hosts.
+  config.microbatch_size = 256     # m: N % m == 0; N / m microbatches per step.
+  config.loss = 'softmax'          # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP).
+  config.loss_chunk_size = 0       # c rows per logit chunk; 0 = unchunked N x N reference.
+
+  config.total_steps = 1500
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'synthetic'
+  config.data.image_size = 32
+  config.data.text_length = 16
+  # Per-channel normalisation applied on device to uint8 images (x / 255 - mean) / std.
+  config.data.mean = (0.5, 0.5, 0.5)
+  config.data.std = (0.25, 0.25, 0.25)
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.seed = 0
+  config.data.synthetic.num_heldout = 10   # colour x shape combinations kept out of training.
+  config.data.synthetic.eval_per_class = 50
+  config.data.prefetch = 2
+
+  config.tokenizer = ml_collections.ConfigDict()
+  config.tokenizer.kind = 'sentencepiece'
+  # '' = train a SentencePiece model from the synthetic captions on first use, cached in the
+  # workdir; else a path to a .model file.
+  config.tokenizer.model_path = ''
+  config.tokenizer.train_sentences = 20000
+  config.tokenizer.lowercase = True
+  config.tokenizer.add_bos = False
+  config.tokenizer.add_eos = True
+
+  config.model = ml_collections.ConfigDict()
+  config.model.embed_dim = 64
+  config.model.dtype = 'float32'         # activation dtype; parameters stay float32.
+  config.model.temperature_init = 0.07   # CLIP: logit scale 1/0.07 at init ...
+  config.model.temperature_min = 0.01    # ... clipped at 100 (temperature >= 0.01).
+  config.model.image = ml_collections.ConfigDict()
+  config.model.image.name = 'vit'
+  config.model.image.patch_size = 4
+  config.model.image.width = 128
+  config.model.image.depth = 4
+  config.model.image.num_heads = 4
+  config.model.image.mlp_dim = 256
+  config.model.image.pool = 'gap'          # 'gap' | 'cls'
+  config.model.image.dropout = 0.0
+  config.model.image.remat = 'none'
+  config.model.text = ml_collections.ConfigDict()
+  config.model.text.name = 'transformer'
+  config.model.text.vocab_size = 256
+  config.model.text.width = 128
+  config.model.text.depth = 2
+  config.model.text.num_heads = 4
+  config.model.text.mlp_dim = 256
+  config.model.text.causal = False
+  config.model.text.pool = 'mean'          # 'mean' (over non-pad) | 'eos' (last non-pad) | 'first'
+  config.model.text.dropout = 0.0
+  config.model.text.remat = 'none'
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 2e-3
+  config.optimizer.warmup_steps = 100
+  config.optimizer.schedule = 'cosine'     # warmup then cosine decay to end_lr_ratio * lr.
+  config.optimizer.end_lr_ratio = 0.0
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.98
+  config.optimizer.eps = 1e-6
+  config.optimizer.weight_decay = 0.05
+  config.optimizer.grad_clip_norm = 1.0
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1   # -1: all remaining devices.
+  config.mesh.model = 1
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.zeroshot = True
+  return config

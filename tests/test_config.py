@@ -1,0 +1,48 @@
+"""Bad configs fail before any compile, with a message naming the field."""
+import pytest
+
+from basic import config_lib
+from configs import tiny
+
+
+def _config(**overrides):
+  config = tiny.get_config()
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split('__')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def test_tiny_config_is_valid():
+  config_lib.validate(tiny.get_config())
+
+
+@pytest.mark.parametrize('overrides, field', [
+    ({'batch_size': 100, 'microbatch_size': 64}, 'config.batch_size=100'),
+    ({'batch_size': 0}, 'config.batch_size=0'),
+    ({'model__image__name': 'resnet9000'}, 'config.model.image.name'),
+    ({'model__text__name': 'lstm'}, 'config.model.text.name'),
+    ({'data__text_length': 0}, 'config.data.text_length=0'),
+    ({'data__image_size': 30}, 'config.model.image.patch_size'),
+    ({'model__image__num_heads': 3}, 'config.model.image.num_heads=3'),
+    ({'model__text__pool': 'max'}, 'config.model.text.pool'),
+    ({'model__image__remat': 'sometimes'}, 'config.model.image.remat'),
+    ({'loss': 'triplet'}, 'config.loss'),
+    ({'optimizer__name': 'sgd9'}, 'config.optimizer.name'),
+    ({'optimizer__learning_rate': -1.0}, 'config.optimizer.learning_rate'),
+    ({'data__source': 'laion'}, 'config.data.source'),
+    ({'mesh__model': 0}, 'config.mesh.model'),
+])
+def test_bad_config_names_field(overrides, field):
+  with pytest.raises(config_lib.ConfigError, match=field.replace('.', r'\.')):
+    config_lib.validate(_config(**overrides))
+
+
+def test_batch_must_split_over_processes_and_devices():
+  with pytest.raises(config_lib.ConfigError, match=r'config\.batch_size=256: .*processes'):
+    config_lib.validate(_config(), num_processes=3)
+  with pytest.raises(config_lib.ConfigError, match=r'config\.microbatch_size=256: .*devices'):
+    config_lib.validate(_config(), num_data_devices=3)

@@ -89,8 +89,8 @@ def make_train_step(config, model, tx, schedule):
         'train/loss': loss,
         'train/temperature': temperature_from_params(params, config),
         'train/learning_rate': schedule(state.step),
-        'train/grad_norm': optax.global_norm(grads),
-        'train/param_norm': optax.global_norm(params),
+        'train/grad_norm': optax.tree.norm(grads),
+        'train/param_norm': optax.tree.norm(params),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
   return train_step

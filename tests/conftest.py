@@ -1,7 +1,11 @@
-"""Test setup: 8 host CPU devices (for sharding tests), TensorFlow kept off accelerators."""
+"""Test setup: the repository on sys.path, TensorFlow quiet, the `slow` marker."""
 import os
 import sys
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: long-running test, excluded from the default suite '
+                          '(run with `-m slow`).')

@@ -1,0 +1,207 @@
+"""SentencePiece tokenizer: training from captions, and in-graph tokenisation with tensorflow-text.
+
+Ids: 0 = <pad>, 1 = <unk>, 2 = <s> (BOS), 3 = </s> (EOS). A tokenised caption is
+[BOS?] pieces... [EOS?] followed by pad (0) up to `length`; a caption that is too long is cut so
+that the EOS (when used) is still its last token.
+
+Train a model from a text file of captions, one per line:
+
+  python -m basic.tokenizer train --input=captions.txt --vocab_size=256 --output=/tmp/spm.model
+"""
+import io
+import os
+import tempfile
+from typing import Iterable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import sentencepiece as spm
+
+from basic.data import tf_setup
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3
+
+
+def train(sentences: Iterable[str], vocab_size: int, output: str, *, lowercase: bool = True,
+          model_type: str = 'bpe', character_coverage: float = 1.0, **trainer_kwargs) -> str:
+  """Trains a SentencePiece model on `sentences` and writes it to `output` (a .model path).
+
+  BPE is the default: on small, repetitive corpora (the synthetic captions) the unigram trainer
+  stops well below the requested size, while BPE reaches it exactly. `hard_vocab_limit=False`
+  lets a corpus that cannot support `vocab_size` pieces give a smaller vocabulary (logged as a
+  warning) rather than fail; ids are then still < vocab_size.
+
+  Args:
+    sentences: the training text, one caption per item.
+    vocab_size: number of pieces, including the 4 special ids.
+    output: path of the .model file to write (parent directories are created; written
+      atomically, so concurrent writers of the same model are harmless).
+    lowercase: lowercase the sentences first (then tokenise with `lowercase=True` too).
+    model_type: 'bpe' or 'unigram' (or 'char', 'word').
+    character_coverage: fraction of characters covered by the vocabulary; the rest map to <unk>.
+    **trainer_kwargs: further `spm.SentencePieceTrainer.train` options, overriding the above.
+
+  Returns:
+    `output`.
+  """
+  if lowercase:
+    sentences = (s.lower() for s in sentences)
+  options = dict(
+      model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, hard_vocab_limit=False,
+      num_threads=tf_setup.DEFAULT_THREADS, minloglevel=2)
+  options.update(trainer_kwargs)
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
+  size = spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+  if size != vocab_size:
+    logging.warning('SentencePiece produced %d pieces, not the %d asked for: the corpus is too '
+                    'small or repetitive to support more.', size, vocab_size)
+  directory = os.path.dirname(os.path.abspath(output))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, suffix='.tmp', delete=False) as f:
+    f.write(model.getvalue())
+  os.replace(f.name, output)
+  return output
+
+
+class Tokenizer:
+  """A SentencePiece model applied in-graph (tensorflow-text) to fixed-length int32 ids.
+
+  Attributes:
+    length: L, the number of ids per caption.
+    vocab_size: number of pieces of the model.
+    pad_id, bos_id, eos_id: the special ids (0, 2, 3).
+  """
+
+  pad_id = PAD_ID
+  bos_id = BOS_ID
+  eos_id = EOS_ID
+
+  def __init__(self, model_path: str, length: int, *, lowercase: bool = True,
+               add_bos: bool = False, add_eos: bool = True):
+    if length <= int(add_bos) + int(add_eos):
+      raise ValueError(f'length={length} leaves no room for text with add_bos={add_bos}, '
+                       f'add_eos={add_eos}.')
+    with open(model_path, 'rb') as f:
+      self._model = f.read()
+    self.model_path = model_path
+    self.length = length
+    self.lowercase = lowercase
+    self.add_bos = add_bos
+    self.add_eos = add_eos
+    self._sp = spm.SentencePieceProcessor(model_proto=self._model)
+    self.vocab_size = self._sp.vocab_size()
+    self._tf_tokenizer = None  # Built lazily, so that merely loading a model needs no TF op.
+
+  @classmethod
+  def from_config(cls, tokenizer_config, model_path: str, length: int) -> 'Tokenizer':
+    """From `config.tokenizer` (fields lowercase, add_bos, add_eos)."""
+    return cls(model_path, length, lowercase=tokenizer_config.lowercase,
+               add_bos=tokenizer_config.add_bos, add_eos=tokenizer_config.add_eos)
+
+  def tf_tokenize(self, texts):
+    """tf.Tensor string [B] -> tf.Tensor int32 [B, length]; usable inside tf.data / tf.function."""
+    tf = tf_setup.configure_tensorflow()
+    if self._tf_tokenizer is None:
+      import tensorflow_text  # pylint: disable=g-import-not-at-top
+      with tf.init_scope():  # Eager resource, even when first called while tracing a graph.
+        self._tf_tokenizer = tensorflow_text.SentencepieceTokenizer(
+            model=self._model, out_type=tf.int32, add_bos=False, add_eos=False)
+    texts = tf.convert_to_tensor(texts, dtype=tf.string)
+    if self.lowercase:
+      texts = tf.strings.lower(texts, encoding='utf-8')
+    ids = self._tf_tokenizer.tokenize(texts)                          # Ragged int32 [B, None].
+    ids = ids[:, :self.length - int(self.add_bos) - int(self.add_eos)]
+    column = lambda value: tf.RaggedTensor.from_tensor(
+        tf.fill([tf.shape(texts)[0], 1], value), row_splits_dtype=ids.row_splits.dtype)
+    parts = [ids]
+    if self.add_bos:
+      parts.insert(0, column(BOS_ID))
+    if self.add_eos:
+      parts.append(column(EOS_ID))
+    if len(parts) > 1:
+      ids = tf.concat(parts, axis=1)
+    return ids.to_tensor(default_value=PAD_ID, shape=[None, self.length])
+
+  def encode(self, texts: Sequence[str]) -> np.ndarray:
+    """list of str [B] -> int32 [B, length] (eagerly, through `tf_tokenize`)."""
+    return self.tf_tokenize(list(texts)).numpy()
+
+  def decode(self, ids) -> list[str]:
+    """int [B, L] -> B strings; pad, BOS, EOS and anything after the first EOS are dropped."""
+    texts = []
+    for row in np.atleast_2d(np.asarray(ids)).tolist():
+      if EOS_ID in row:
+        row = row[:row.index(EOS_ID)]
+      texts.append(self._sp.decode([i for i in row if i not in (PAD_ID, BOS_ID)]))
+    return texts
+
+
+def ensure_tokenizer(config, workdir: str) -> str:
+  """The path of the SentencePiece model for `config`, training (and caching) one if needed.
+
+  If `config.tokenizer.model_path` is set, it is returned (it must exist). Otherwise a model with
+  `config.model.text.vocab_size` pieces is trained on `config.tokenizer.train_sentences` training
+  captions of the synthetic data set into {workdir}/tokenizer/spm.model, or reused if there.
+  """
+  path = config.tokenizer.model_path
+  if path:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'config.tokenizer.model_path={path!r} does not exist.')
+    return path
+  if config.data.source != 'synthetic':
+    raise ValueError(
+        f'config.tokenizer.model_path is empty and config.data.source={config.data.source!r}: '
+        'only the synthetic source trains its own tokenizer; train one with '
+        '`python -m basic.tokenizer train` and set config.tokenizer.model_path.')
+  vocab_size = config.model.text.vocab_size
+  path = os.path.join(workdir, 'tokenizer', 'spm.model')
+  if os.path.exists(path):
+    cached = spm.SentencePieceProcessor(model_file=path).vocab_size()
+    if cached > vocab_size:
+      raise ValueError(f'Cached tokenizer {path} has {cached} pieces, more than '
+                       f'config.model.text.vocab_size={vocab_size}; delete it to retrain.')
+    logging.info('Reusing tokenizer %s (%d pieces).', path, cached)
+    return path
+  from basic.data import synthetic  # pylint: disable=g-import-not-at-top
+  captions = synthetic.ShapesDataset.from_config(config.data).captions(
+      config.tokenizer.train_sentences)
+  logging.info('Training a %d-piece tokenizer on %d synthetic captions into %s.',
+               vocab_size, len(captions), path)
+  return train(captions, vocab_size, path, lowercase=config.tokenizer.lowercase)
+
+
+# --- Command line. --------------------------------------------------------------------------------
+
+
+def _define_flags():
+  flags.DEFINE_string('input', None, 'Text file of captions, one per line.')
+  flags.DEFINE_integer('vocab_size', None, 'Number of pieces, including 4 special ids.')
+  flags.DEFINE_string('output', None, 'Path of the .model file to write.')
+  flags.DEFINE_bool('lowercase', True, 'Lowercase the captions before training.')
+  flags.DEFINE_string('model_type', 'bpe', "SentencePiece model type: 'bpe' or 'unigram'.")
+  flags.mark_flags_as_required(['input', 'vocab_size', 'output'])
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] != 'train':
+    raise app.UsageError('Usage: python -m basic.tokenizer train --input=captions.txt '
+                         '--vocab_size=N --output=PATH.model')
+  options = flags.FLAGS
+  with open(options.input, encoding='utf-8') as f:
+    sentences = [line.rstrip('\n') for line in f]
+  sentences = [s for s in sentences if s.strip()]
+  path = train(sentences, options.vocab_size, options.output, lowercase=options.lowercase,
+               model_type=options.model_type)
+  print(f'Wrote {path} ({spm.SentencePieceProcessor(model_file=path).vocab_size()} pieces).')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,151 @@
+"""End-to-end training on the embedded default: metrics, TensorBoard, checkpoints, resume."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from basic import checkpoint as checkpoint_lib
+from basic import metric_writers
+from basic import optim
+from basic import sharding
+from basic import train
+from basic.models import DualEncoder
+from configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {
+    'batch_size': 32, 'microbatch_size': 16, 'total_steps': 6, 'log_every_steps': 2,
+    'eval_every_steps': 6, 'checkpoint_every_steps': 3, 'data.synthetic.eval_per_class': 4,
+    'tokenizer.train_sentences': 2000,
+}
+
+
+def small_config(**overrides):
+  config = tiny.get_config()
+  for path, value in {**SMALL, **overrides}.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _train_rows(workdir):
+  rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  return [r for r in rows if 'train/loss' in r]
+
+
+def test_short_run_writes_metrics_events_checkpoints(tmp_path):
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(small_config(), workdir)
+  rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  assert [r['step'] for r in rows if 'train/loss' in r] == [2, 4, 6]
+  assert all(np.isfinite(r['train/loss']) for r in rows if 'train/loss' in r)
+  zs = [r for r in rows if 'zeroshot/top1' in r]
+  assert len(zs) == 1 and zs[0]['step'] == 6
+  assert 0.0 <= zs[0]['zeroshot/top1'] <= zs[0]['zeroshot/top5'] <= 1.0
+  assert zs[0]['zeroshot/num_classes'] == 48 and zs[0]['zeroshot/num_images'] == 40
+  assert results['zeroshot/top1'] == zs[0]['zeroshot/top1']
+  assert any(r.get('steps_per_sec') for r in rows)
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+  assert os.path.exists(os.path.join(workdir, 'tokenizer', 'spm.model'))
+
+
+def test_rerun_after_finish_and_extension_resume(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(small_config(), workdir)
+  # The same command again: nothing is retrained, the final state is evaluated.
+  again = train.train_and_evaluate(small_config(), workdir)
+  assert [r['step'] for r in _train_rows(workdir)] == [2, 4, 6]
+  assert again['zeroshot/top1'] >= 0.0
+  # A longer schedule continues from step 6, not from scratch.
+  train.train_and_evaluate(small_config(total_steps=8), workdir)
+  assert [r['step'] for r in _train_rows(workdir)] == [2, 4, 6, 8]
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+  """kill -9 half-way, rerun the same command: resumes from the latest checkpoint and ends with
+  exactly the parameters of an uninterrupted run (data and rng are functions of the step)."""
+  flags = ['--config=configs/tiny.py', '--config.batch_size=32', '--config.microbatch_size=16',
+           '--config.total_steps=40', '--config.log_every_steps=2',
+           '--config.checkpoint_every_steps=4', '--config.eval_every_steps=40',
+           '--config.data.synthetic.eval_per_class=2', '--config.tokenizer.train_sentences=2000']
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  killed = str(tmp_path / 'killed')
+  cmd = [sys.executable, '-m', 'basic.train', f'--workdir={killed}'] + flags
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(killed, 'checkpoints')
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    steps = [d for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    if any(int(s) >= 8 for s in steps):
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, 'the run ended before it could be killed half-way'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  kill_rows = _train_rows(killed)
+  assert kill_rows and kill_rows[-1]['step'] < 40
+  subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+  rows = _train_rows(killed)
+  assert rows[-1]['step'] == 40
+  steps = [r['step'] for r in rows]
+  # After the kill, logging restarts right after a checkpoint step (a multiple of 4 >= 8).
+  restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+  assert (steps[restart] - 2) % 4 == 0 and steps[restart] - 2 >= 8
+
+  config = small_config(total_steps=40, eval_every_steps=40, checkpoint_every_steps=4,
+                        **{'data.synthetic.eval_per_class': 2})
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(config, straight)
+  a = checkpoint_lib.Checkpointer(ckpt_dir, max_to_keep=2)
+  b = checkpoint_lib.Checkpointer(os.path.join(straight, 'checkpoints'), max_to_keep=2)
+  model = DualEncoder(config)
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  pa, pb = a.restore(state, 40).params, b.restore(state, 40).params
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_decreases_on_fixed_batch():
+  config = small_config()
+  config.optimizer.warmup_steps = 0
+  config.optimizer.learning_rate = 1e-3
+  model = DualEncoder(config)
+  tx, schedule = optim.make_optimizer(config.optimizer, 100)
+  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  step = jax.jit(train.make_train_step(config, model, tx, schedule))
+  rs = np.random.RandomState(0)
+  batch = {'image': jnp.asarray(rs.randint(0, 256, (32, 32, 32, 3)), jnp.uint8),
+           'text': jnp.asarray(rs.randint(4, 256, (32, 16)), jnp.int32)}
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch, jax.random.key(0))
+    losses.append(float(metrics['train/loss']))
+  assert losses[0] > np.log(32) * 0.9           # starts near chance: log(N).
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(small_config(), workdir)       # checkpoints at 3 and 6.
+  real = train.make_loss_fn
+  monkeypatch.setattr(train, 'make_loss_fn',
+                      lambda config: (lambda *a: real(config)(*a) * jnp.nan))
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'step 7; the last good checkpoint is step 6'):
+    train.train_and_evaluate(small_config(total_steps=10), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']

@@ -13,7 +13,7 @@ Usage:
 It prints a markdown table; with --out it replaces (or appends) the section
 `## gradcache` of that markdown file.
 
-The model comes from `make_model` alone; replace it to benchmark real towers.
+The step is basic.train's own train step on the towers of configs/tiny.py.
 """
 
 import json
@@ -27,24 +27,26 @@ import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from basic import contrastive
-from basic import gradcache
+from basic import config_lib
+from basic import optim
+from basic import sharding
+from basic import train
+from basic.models import DualEncoder
+from configs import tiny
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Markdown file whose `## gradcache` section '
                     'is replaced (or appended) with the results.')
 # (a) Time ratio.
-flags.DEFINE_integer('time_batch_size', 4096, 'N of the timing comparison.')
+flags.DEFINE_integer('time_batch_size', 2048, 'N of the timing comparison.')
 flags.DEFINE_integer('time_num_microbatches', 8, 'K of the cached step.')
 flags.DEFINE_integer('repeats', 5, 'Timed steps after compilation.')
 # (b) Peak memory.
 flags.DEFINE_list('rss_batch_sizes', ['8192', '65536'], 'N of each RSS point.')
-flags.DEFINE_integer('microbatch_size', 1024, 'm of every RSS point.')
+flags.DEFINE_integer('microbatch_size', 512, 'm of every RSS point.')
 flags.DEFINE_integer('log2_chunk_elements', 23,
                      'c * N = 2**this: the loss chunk c is 2**this // N.')
 # Worker mode, used by (b) in a fresh subprocess.
@@ -52,84 +54,31 @@ flags.DEFINE_integer('batch_size', None, 'N of a single worker step.')
 flags.DEFINE_integer('num_microbatches', None, 'K of a single worker step.')
 flags.DEFINE_integer('chunk_size', None, 'c of a single worker step.')
 
-# The tiny model and its synthetic data.
-IMAGE_SHAPE = (32, 32, 3)
-TEXT_LEN = 16
-VOCAB_SIZE = 1024
-HIDDEN = 256
-EMBED_DIM = 128
-DROPOUT = 0.1
-TEMPERATURE = 0.07
-LEARNING_RATE = 0.1
 GIB = 2**30
 
 
-class _MlpTower(nn.Module):
-  """(m, ...) inputs -> (m, EMBED_DIM) unit vectors."""
+def make_step(batch_size, microbatch_size, chunk_size):
+  """The real training step of configs/tiny.py at (N, m, c), with its state and a batch.
 
-  @nn.compact
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.gelu(nn.Dense(HIDDEN)(x))
-    x = nn.Dropout(DROPOUT, deterministic=False)(x)
-    x = nn.Dense(EMBED_DIM)(x)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
-class _TinyDualEncoder(nn.Module):
-  """uint8 images (m, 32, 32, 3) and int32 tokens (m, TEXT_LEN) -> embeddings."""
-
-  @nn.compact
-  def __call__(self, batch):
-    self.param('log_temperature', lambda _: jnp.log(jnp.float32(TEMPERATURE)))
-    images = batch['image'].astype(jnp.float32) / np.iinfo(np.uint8).max
-    tokens = nn.Embed(VOCAB_SIZE, HIDDEN)(batch['text']).mean(axis=1)
-    return _MlpTower()(images), _MlpTower()(tokens)
-
-
-def make_model(rng):
-  """Returns (encode_fn, params, make_batch) of the benchmarked dual encoder.
-
-  encode_fn(params, batch, rng) -> (image_emb (m, d), text_emb (m, d));
-  make_batch(n) -> {'image': (n, 32, 32, 3) uint8, 'text': (n, L) int32}.
+  Returns (compiled-able jitted step, state, batch, rng): one full step of basic.train
+  (gradient-cached loss and gradients, AdamW update) on the tiny ViT + Transformer towers.
   """
-  model = _TinyDualEncoder()
-
-  def make_batch(n, seed=0):
-    np_rng = np.random.default_rng(seed)
-    return {
-        'image': np_rng.integers(0, np.iinfo(np.uint8).max, (n, *IMAGE_SHAPE),
-                                 dtype=np.uint8),
-        'text': np_rng.integers(0, VOCAB_SIZE, (n, TEXT_LEN), dtype=np.int32),
-    }
-
-  init_rng, dropout_rng = jax.random.split(rng)
-  params = jax.jit(model.init)({'params': init_rng, 'dropout': dropout_rng},
-                               make_batch(1))['params']
-
-  def encode_fn(p, batch, rng):
-    return model.apply({'params': p}, batch, rngs={'dropout': rng})
-
-  return encode_fn, params, make_batch
-
-
-def make_step(encode_fn, num_microbatches, chunk_size):
-  """(params, batch, rng) -> (params, loss): gradient-cached step plus SGD."""
-
-  def loss_fn(params, image_emb, text_emb):
-    return contrastive.softmax_loss(image_emb, text_emb,
-                                    jnp.exp(params['log_temperature']),
-                                    chunk_size=chunk_size)
-
-  grad_fn = gradcache.value_and_grad(encode_fn, loss_fn,
-                                     num_microbatches=num_microbatches)
-
-  def step(params, batch, rng):
-    loss, grads = grad_fn(params, batch, rng)
-    params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
-    return params, loss
-
-  return jax.jit(step)
+  config = tiny.get_config()
+  config.batch_size, config.microbatch_size = batch_size, microbatch_size
+  config.loss_chunk_size = chunk_size
+  config_lib.validate(config)
+  model = DualEncoder(config)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  np_rng = np.random.default_rng(0)
+  size, length = config.data.image_size, config.data.text_length
+  batch = {
+      'image': np_rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+      'text': np_rng.integers(1, config.model.text.vocab_size, (batch_size, length),
+                              dtype=np.int32),
+  }
+  step = jax.jit(train.make_train_step(config, model, tx, schedule))
+  return step, state, batch, jax.random.key(0)
 
 
 def _chunk_size(batch_size):
@@ -150,28 +99,26 @@ def _vm_hwm_bytes():
   return None
 
 
-def _time_steps(step, params, batch, rng, repeats):
+def _time_steps(step, state, batch, rng, repeats):
   """Compiles, then returns the median wall time of `repeats` steps."""
-  jax.block_until_ready(step(params, batch, rng))
+  jax.block_until_ready(step(state, batch, rng))
   times = []
   for i in range(repeats):
     start = time.perf_counter()
-    jax.block_until_ready(step(params, batch, jax.random.fold_in(rng, i)))
+    jax.block_until_ready(step(state, batch, jax.random.fold_in(rng, i)))
     times.append(time.perf_counter() - start)
   return statistics.median(times)
 
 
 def time_ratio():
-  """(a): median seconds of the plain and the cached step and their ratio."""
+  """(a): median seconds of the plain (K=1) and the cached (K) step, and their ratio."""
   n, k = FLAGS.time_batch_size, FLAGS.time_num_microbatches
   chunk = _chunk_size(n)
-  rng = jax.random.key(0)
-  encode_fn, params, make_batch = make_model(rng)
-  batch = jax.device_put(make_batch(n))
-  plain = _time_steps(make_step(encode_fn, 1, chunk), params, batch, rng,
-                      FLAGS.repeats)
-  cached = _time_steps(make_step(encode_fn, k, chunk), params, batch, rng,
-                       FLAGS.repeats)
+  step, state, batch, rng = make_step(n, n, chunk)
+  batch = jax.device_put(batch)
+  plain = _time_steps(step, state, batch, rng, FLAGS.repeats)
+  step, state, _, rng = make_step(n, n // k, chunk)
+  cached = _time_steps(step, state, batch, rng, FLAGS.repeats)
   return {'batch_size': n, 'num_microbatches': k, 'chunk_size': chunk,
           'plain_s': plain, 'cached_s': cached, 'ratio': cached / plain}
 
@@ -180,17 +127,15 @@ def worker():
   """One step in this (fresh) process; prints a JSON line of measurements."""
   n, k, chunk = FLAGS.batch_size, FLAGS.num_microbatches, FLAGS.chunk_size
   rss_start = _peak_rss_bytes()
-  rng = jax.random.key(0)
-  encode_fn, params, make_batch = make_model(rng)
-  batch = make_batch(n)
+  step, state, batch, rng = make_step(n, n // k, chunk)
   batch_bytes = sum(x.nbytes for x in batch.values())
   batch = jax.device_put(batch)
-  compiled = make_step(encode_fn, k, chunk).lower(params, batch, rng).compile()
+  compiled = step.lower(state, batch, rng).compile()
   memory = compiled.memory_analysis()
   temp_bytes = getattr(memory, 'temp_size_in_bytes', None)
   rss_before = _peak_rss_bytes()
   start = time.perf_counter()
-  jax.block_until_ready(compiled(params, batch, rng))
+  jax.block_until_ready(compiled(state, batch, rng))
   seconds = time.perf_counter() - start
   print(json.dumps({
       'batch_size': n, 'num_microbatches': k, 'chunk_size': chunk,
@@ -230,9 +175,9 @@ def report(timing, points, command):
       '## gradcache', '',
       f'Command: `{command}`', '',
       f'Device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores. '
-      'Tiny MLP dual encoder (32x32x3 uint8 images, '
-      f'{TEXT_LEN} int32 tokens, hidden {HIDDEN}, d={EMBED_DIM}, dropout '
-      f'{DROPOUT}), chunked softmax loss, step = loss + grads + SGD update.',
+      'One full training step of `configs/tiny.py` (its ViT and Transformer towers, '
+      f'd={tiny.get_config().model.embed_dim}): gradient-cached loss and gradients with the '
+      'chunked softmax loss, then the AdamW update.',
       '', '(a) Time of a cached step over a plain full-batch step '
       f'(median of {FLAGS.repeats} after compilation):', '',
       '| N | K | c | plain (s) | cached (s) | cached / plain |',
@@ -242,7 +187,7 @@ def report(timing, points, command):
       f"{timing['cached_s']:.3f} | {timing['ratio']:.2f} |", '',
       '(b) Peak RSS (`ru_maxrss`; VmHWM as a check) of a fresh process '
       f'running one cached step, m={FLAGS.microbatch_size}, '
-      f'c = 2^{FLAGS.log2_chunk_elements} / N, d={EMBED_DIM}:', '',
+      f'c = 2^{FLAGS.log2_chunk_elements} / N:', '',
       '| N | K | c | step (s) | input batch (GiB) | XLA temp (GiB) '
       '| RSS after import (GiB) | RSS before step (GiB) | peak RSS (GiB) '
       '| VmHWM (GiB) |',

@@ -66,7 +66,8 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if m % num_data_devices:
     _fail('microbatch_size', m,
           f'not divisible by the number of data-parallel devices ({num_data_devices}).')
-  _choice(config, 'loss', LOSSES)
+  if _choice(config, 'loss', LOSSES) == 'sigmoid':
+    _get(config, 'model.bias_init')
   _int(config, 'loss_chunk_size', 0)
   for field in ('total_steps', 'log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):

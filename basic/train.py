@@ -6,6 +6,7 @@ Writes `DIR/metrics.jsonl` (one JSON object per logged step), TensorBoard events
 checkpoints; evaluates zero-shot every `eval_every_steps` and at the end.
 """
 import os
+import time
 from typing import Any
 
 from absl import app
@@ -28,6 +29,7 @@ from basic import optim
 from basic import sharding
 from basic import tokenizer as tokenizer_lib
 from basic.data import pipeline
+from basic.data import tf_setup
 from basic.evaluate import zeroshot
 from basic.models import DualEncoder
 from basic.models import temperature_from_params
@@ -123,6 +125,7 @@ def _first_nonfinite(pending):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the final evaluation metrics."""
+  tf_setup.configure_tensorflow()   # Before any TF op: no accelerators, few threads.
   num_processes = jax.process_count()
   mesh = sharding.make_mesh(config.mesh)
   config_lib.validate(config, num_processes=num_processes,
@@ -195,6 +198,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pending, window = [], []
   results = {}
   step = start_step
+  window_start, window_first_step = time.perf_counter(), step
   while step < config.total_steps:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = sharding.global_batch(next(train_iter), mesh)
@@ -208,8 +212,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       check_finite(pending)
       pending = []
       scalars = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
+      elapsed = time.perf_counter() - window_start
+      scalars['train/images_per_sec'] = (step - window_first_step) * config.batch_size / elapsed
       writer.write_scalars(step, scalars)
       window = []
+      window_start, window_first_step = time.perf_counter(), step
     if step % config.checkpoint_every_steps == 0 or is_last:
       check_finite(pending)
       pending = []

@@ -1,4 +1,4 @@
-"""The embedded default: a ~1M-parameter dual encoder trained on CPU in minutes.
+"""The embedded default: a 0.43M-parameter dual encoder trained on CPU in about 7 minutes.
 
 Trains on the built-in synthetic shapes dataset (no download), evaluates zero-shot on colour x
 shape combinations that never occur in training, among all combinations.
@@ -54,23 +54,24 @@ def get_config(arg=None):
   config.model.dtype = 'float32'         # activation dtype; parameters stay float32.
   config.model.temperature_init = 0.07   # CLIP: logit scale 1/0.07 at init ...
   config.model.temperature_min = 0.01    # ... clipped at 100 (temperature >= 0.01).
+  config.model.bias_init = -10.0         # SigLIP logit bias init; used when loss == 'sigmoid'.
   config.model.image = ml_collections.ConfigDict()
   config.model.image.name = 'vit'
-  config.model.image.patch_size = 4
-  config.model.image.width = 128
-  config.model.image.depth = 4
-  config.model.image.num_heads = 4
-  config.model.image.mlp_dim = 256
+  config.model.image.patch_size = 8       # 16 tokens of 8x8 px at 32 px.
+  config.model.image.width = 96
+  config.model.image.depth = 3
+  config.model.image.num_heads = 3
+  config.model.image.mlp_dim = 192
   config.model.image.pool = 'gap'          # 'gap' | 'cls'
   config.model.image.dropout = 0.0
   config.model.image.remat = 'none'
   config.model.text = ml_collections.ConfigDict()
   config.model.text.name = 'transformer'
   config.model.text.vocab_size = 256
-  config.model.text.width = 128
+  config.model.text.width = 96
   config.model.text.depth = 2
-  config.model.text.num_heads = 4
-  config.model.text.mlp_dim = 256
+  config.model.text.num_heads = 3
+  config.model.text.mlp_dim = 192
   config.model.text.causal = False
   config.model.text.pool = 'mean'          # 'mean' (over non-pad) | 'eos' (last non-pad) | 'first'
   config.model.text.dropout = 0.0

@@ -149,3 +149,52 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
                      match=r'step 7; the last good checkpoint is step 6'):
     train.train_and_evaluate(small_config(total_steps=10), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+
+
+def _params_after(config, steps):
+  """Parameters after `steps` train steps on the pipeline's first batches."""
+  from basic import tokenizer as tokenizer_lib
+  from basic.data import pipeline
+  model = DualEncoder(config)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  step = jax.jit(train.make_train_step(config, model, tx, schedule))
+  tokenizer = tokenizer_lib.Tokenizer.from_config(
+      config.tokenizer, _shared_tokenizer(config), config.data.text_length)
+  batches = pipeline.make_train_iterator(config, tokenizer)
+  for _ in range(steps):
+    state, _ = step(state, next(batches), jax.random.key(0))
+  return state.params
+
+
+_TOKENIZERS = {}
+
+
+def _shared_tokenizer(config):
+  if 'path' not in _TOKENIZERS:
+    import tempfile
+    from basic import tokenizer as tokenizer_lib
+    _TOKENIZERS['path'] = tokenizer_lib.ensure_tokenizer(config, tempfile.mkdtemp())
+  return _TOKENIZERS['path']
+
+
+def _rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize('loss', ['softmax', 'sigmoid'])
+def test_microbatched_train_step_matches_full_batch(loss):
+  """3 AdamW steps with K=4 microbatches and a chunked loss == 3 plain full-batch steps."""
+  plain = small_config(loss=loss, batch_size=32, microbatch_size=32, loss_chunk_size=0)
+  cached = small_config(loss=loss, batch_size=32, microbatch_size=8, loss_chunk_size=12)
+  pa, pb = _params_after(plain, 3), _params_after(cached, 3)
+  init = _params_after(plain, 0)
+  for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree.leaves(pb),
+                              jax.tree.leaves(init)):
+    assert _rel_err(b, a) <= 1e-5, (jax.tree_util.keystr(path), _rel_err(b, a))
+  # The steps did move the parameters (so the comparison is not vacuous).
+  moved = [_rel_err(a, p0) for a, p0 in zip(jax.tree.leaves(pa), jax.tree.leaves(init))]
+  assert max(moved) > 1e-3
+  if loss == 'sigmoid':
+    assert 'bias' in pa and float(pa['bias']) != -10.0

@@ -4,7 +4,8 @@ encode_image: uint8 or float images [B, H, W, 3] -> L2-normalised embeddings [B,
 encode_text: int32 token ids [B, L] -> L2-normalised embeddings [B, embed_dim].
 The temperature is stored as its log (`log_temperature`), initialised at
 `config.model.temperature_init` and clipped below at `config.model.temperature_min`, as CLIP
-clips its logit scale at 100.
+clips its logit scale at 100. With `config.loss == 'sigmoid'` the model also holds SigLIP's
+learnable logit `bias` (initialised at `config.model.bias_init`).
 """
 import flax.linen as nn
 import jax.numpy as jnp
@@ -62,6 +63,8 @@ class DualEncoder(nn.Module):
     self.log_temperature = self.param(
         'log_temperature', nn.initializers.constant(np.log(m.temperature_init)), (),
         jnp.float32)
+    if self.config.loss == 'sigmoid':  # SigLIP's learnable logit bias.
+      self.bias = self.param('bias', nn.initializers.constant(m.bias_init), (), jnp.float32)
 
   def encode_image(self, images, *, train: bool = False):
     """[B, H, W, 3] uint8 (or float already normalised) -> [B, embed_dim] unit vectors."""

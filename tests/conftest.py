@@ -1,8 +1,14 @@
-"""Test setup: the repository on sys.path, TensorFlow quiet, the `slow` marker."""
+"""Test setup: the repository on sys.path, TensorFlow quiet, a compilation cache, `slow`."""
 import os
 import sys
+import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# One persistent XLA compilation cache per test session, inherited by the subprocesses tests
+# start: the many short training runs compile the same train step.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='basic_jax_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

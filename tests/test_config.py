@@ -27,7 +27,7 @@ def test_tiny_config_is_valid():
     ({'model__text__name': 'lstm'}, 'config.model.text.name'),
     ({'data__text_length': 0}, 'config.data.text_length=0'),
     ({'data__image_size': 30}, 'config.model.image.patch_size'),
-    ({'model__image__num_heads': 3}, 'config.model.image.num_heads=3'),
+    ({'model__image__num_heads': 5}, 'config.model.image.num_heads=5'),
     ({'model__text__pool': 'max'}, 'config.model.text.pool'),
     ({'model__image__remat': 'sometimes'}, 'config.model.image.remat'),
     ({'loss': 'triplet'}, 'config.loss'),

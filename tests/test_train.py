@@ -77,8 +77,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
   """kill -9 half-way, rerun the same command: resumes from the latest checkpoint and ends with
   exactly the parameters of an uninterrupted run (data and rng are functions of the step)."""
   flags = ['--config=configs/tiny.py', '--config.batch_size=32', '--config.microbatch_size=16',
-           '--config.total_steps=40', '--config.log_every_steps=2',
-           '--config.checkpoint_every_steps=4', '--config.eval_every_steps=40',
+           '--config.total_steps=24', '--config.log_every_steps=2',
+           '--config.checkpoint_every_steps=4', '--config.eval_every_steps=24',
            '--config.data.synthetic.eval_per_class=2', '--config.tokenizer.train_sentences=2000']
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   killed = str(tmp_path / 'killed')
@@ -96,17 +96,17 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   kill_rows = _train_rows(killed)
-  assert kill_rows and kill_rows[-1]['step'] < 40
+  assert kill_rows and kill_rows[-1]['step'] < 24
   subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
   rows = _train_rows(killed)
-  assert rows[-1]['step'] == 40
+  assert rows[-1]['step'] == 24
   steps = [r['step'] for r in rows]
   # After the kill, logging restarts right after a checkpoint step (a multiple of 4 >= 8).
   restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
   assert (steps[restart] - 2) % 4 == 0 and steps[restart] - 2 >= 8
 
-  config = small_config(total_steps=40, eval_every_steps=40, checkpoint_every_steps=4,
+  config = small_config(total_steps=24, eval_every_steps=24, checkpoint_every_steps=4,
                         **{'data.synthetic.eval_per_class': 2})
   straight = str(tmp_path / 'straight')
   train.train_and_evaluate(config, straight)
@@ -115,7 +115,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
   model = DualEncoder(config)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
   state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
-  pa, pb = a.restore(state, 40).params, b.restore(state, 40).params
+  pa, pb = a.restore(state, 24).params, b.restore(state, 24).params
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
@@ -144,7 +144,7 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
   train.train_and_evaluate(small_config(), workdir)       # checkpoints at 3 and 6.
   real = train.make_loss_fn
   monkeypatch.setattr(train, 'make_loss_fn',
-                      lambda config: (lambda *a: real(config)(*a) * jnp.nan))
+                      lambda *args: (lambda *a: real(*args)(*a) * jnp.nan))
   with pytest.raises(train.NonFiniteLossError,
                      match=r'step 7; the last good checkpoint is step 6'):
     train.train_and_evaluate(small_config(total_steps=10), workdir)
@@ -190,9 +190,16 @@ def test_microbatched_train_step_matches_full_batch(loss):
   cached = small_config(loss=loss, batch_size=32, microbatch_size=8, loss_chunk_size=12)
   pa, pb = _params_after(plain, 3), _params_after(cached, 3)
   init = _params_after(plain, 0)
-  for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree.leaves(pb),
-                              jax.tree.leaves(init)):
-    assert _rel_err(b, a) <= 1e-5, (jax.tree_util.keystr(path), _rel_err(b, a))
+  # Per leaf: ||b - a|| <= 1e-5 ||a|| + 1e-7 sqrt(size). The absolute floor is for leaves whose
+  # true gradient is exactly zero (attention key biases: softmax is shift-invariant per query),
+  # so their values are float rounding noise (~1e-9) that Adam rescales.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(pa), jax.tree.leaves(pb)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff, bound = np.linalg.norm(b - a), 1e-5 * np.linalg.norm(a) + 1e-7 * np.sqrt(a.size)
+    assert diff <= bound, (jax.tree_util.keystr(path), diff, bound)
+  total = _rel_err(np.concatenate([np.ravel(x) for x in jax.tree.leaves(pb)]),
+                   np.concatenate([np.ravel(x) for x in jax.tree.leaves(pa)]))
+  assert total <= 1e-5, total
   # The steps did move the parameters (so the comparison is not vacuous).
   moved = [_rel_err(a, p0) for a, p0 in zip(jax.tree.leaves(pa), jax.tree.leaves(init))]
   assert max(moved) > 1e-3

@@ -4,10 +4,12 @@
 the dotted field name, e.g. `config.batch_size=100: not divisible by config.microbatch_size=64`.
 """
 import json
+import re
 
 import ml_collections
 
 from basic import optim
+from basic.models import coatnet
 from basic.models import dual_encoder
 from basic.models import transformer
 
@@ -54,6 +56,45 @@ def _choice(config, field, choices):
   return value
 
 
+def _validate_coatnet(config, image_size):
+  """config.model.image of a CoAtNet: a named variant or explicit stage fields."""
+  cfg = config.model.image
+  variant = _get(config, 'model.image.variant')
+  if variant:
+    _choice(config, 'model.image.variant', tuple(coatnet.VARIANTS))
+  else:
+    _int(config, 'model.image.stem_dim', 1)
+    _int(config, 'model.image.head_dim', 1)
+    n = len(_get(config, 'model.image.depths'))
+    for field in ('depths', 'dims', 'block_types', 'strides'):
+      value = _get(config, f'model.image.{field}')
+      if len(value) != n or not n:
+        _fail(f'model.image.{field}', value,
+              f'must have one entry per stage, as model.image.depths ({n}).')
+    for field in ('depths', 'dims'):
+      if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in cfg[field]):
+        _fail(f'model.image.{field}', cfg[field], 'entries must be integers >= 1.')
+    if any(t not in coatnet.BLOCK_TYPES for t in cfg.block_types):
+      _fail('model.image.block_types', cfg.block_types,
+            f'entries must be one of {list(coatnet.BLOCK_TYPES)}.')
+    if any(s not in (1, 2) for s in cfg.strides):
+      _fail('model.image.strides', cfg.strides, 'entries must be 1 or 2.')
+    for dim, kind in zip(cfg.dims, cfg.block_types):
+      if kind == 'T' and dim % cfg.head_dim:
+        _fail('model.image.head_dim', cfg.head_dim,
+              f'must divide the Transformer stage widths in model.image.dims={cfg.dims}.')
+  spec = coatnet.variant_spec(cfg)
+  reduction = 2 ** (1 + sum(s == 2 for s in spec['strides']))
+  if image_size % reduction:
+    _fail('data.image_size', image_size,
+          f'must be a multiple of {reduction} (the CoAtNet stem and stride-2 stages).')
+  drop_path = _get(config, 'model.image.drop_path')
+  if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not (
+      0 <= drop_path < 1):
+    _fail('model.image.drop_path', drop_path, 'must be in [0, 1).')
+  _choice(config, 'model.image.remat', tuple(transformer.REMAT_POLICIES))
+
+
 def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
              num_data_devices: int = 1):
   """Raises ConfigError naming the first bad field. Returns the config unchanged."""
@@ -69,6 +110,7 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if _choice(config, 'loss', LOSSES) == 'sigmoid':
     _get(config, 'model.bias_init')
   _int(config, 'loss_chunk_size', 0)
+  _int(config, 'gradcache_unroll', 1)
   for field in ('total_steps', 'log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
     _int(config, field, 1)
@@ -88,13 +130,17 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   _positive(config, 'model.temperature_init')
   _positive(config, 'model.temperature_min')
   _choice(config, 'model.dtype', tuple(dual_encoder.DTYPES))
-  _choice(config, 'model.image.name', dual_encoder.IMAGE_TOWERS)
+  image_tower = _choice(config, 'model.image.name', dual_encoder.IMAGE_TOWERS)
   _choice(config, 'model.text.name', dual_encoder.TEXT_TOWERS)
-  patch = _int(config, 'model.image.patch_size', 1)
-  if image_size % patch:
-    _fail('model.image.patch_size', patch,
-          f'must divide config.data.image_size={image_size}.')
-  for tower in ('image', 'text'):
+  if image_tower == 'coatnet':
+    _validate_coatnet(config, image_size)
+  else:
+    patch = _int(config, 'model.image.patch_size', 1)
+    if image_size % patch:
+      _fail('model.image.patch_size', patch,
+            f'must divide config.data.image_size={image_size}.')
+  # The ViT image tower and the text tower share the Transformer fields.
+  for tower in ('image', 'text') if image_tower == 'vit' else ('text',):
     width = _int(config, f'model.{tower}.width', 1)
     heads = _int(config, f'model.{tower}.num_heads', 1)
     if width % heads:
@@ -110,7 +156,13 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
 
   _choice(config, 'tokenizer.kind', ('sentencepiece',))
 
-  _choice(config, 'optimizer.name', optim.OPTIMIZERS)
+  if _choice(config, 'optimizer.name', optim.OPTIMIZERS) == 'adafactorw':
+    if not isinstance(_get(config, 'optimizer.factored'), bool):
+      _fail('optimizer.factored', config.optimizer.factored, 'must be True or False.')
+    decay_rate = _positive(config, 'optimizer.decay_rate')
+    if decay_rate > 1:
+      _fail('optimizer.decay_rate', decay_rate, 'must be in (0, 1] (Adafactor: 1 - t^-rate).')
+    _positive(config, 'optimizer.eps')
   _choice(config, 'optimizer.schedule', optim.SCHEDULES)
   _positive(config, 'optimizer.learning_rate')
   _int(config, 'optimizer.warmup_steps', 0)
@@ -120,7 +172,36 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   for axis, size in config.mesh.items():
     if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
       _fail(f'mesh.{axis}', size, 'must be a positive integer or -1 (the remaining devices).')
+  if 'sharding' in config:
+    _validate_sharding(config)
   return config
+
+
+def _validate_sharding(config):
+  """config.sharding: rules ((regex, spec), ...) over the axes of config.mesh; fsdp fields."""
+  axes = tuple(config.mesh.keys())
+  rules = _get(config, 'sharding.rules')
+  if not isinstance(rules, (tuple, list)):
+    _fail('sharding.rules', rules, 'must be a tuple of (regex, spec) pairs.')
+  for i, rule in enumerate(rules):
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+      _fail(f'sharding.rules[{i}]', rule, 'must be a (regex, spec) pair.')
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      _fail(f'sharding.rules[{i}]', rule, f'bad regex: {e}.')
+    spec = rule[1]
+    if not isinstance(spec, (tuple, list)):
+      _fail(f'sharding.rules[{i}]', rule, 'the spec must be a tuple (one entry per dimension).')
+    for entry in spec:
+      names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+      if not isinstance(names, (tuple, list)) or any(n not in axes for n in names):
+        _fail(f'sharding.rules[{i}]', rule,
+              f'spec entries must be None, a mesh axis or a tuple of mesh axes of config.mesh '
+              f'{list(axes)}.')
+  if not isinstance(_get(config, 'sharding.fsdp'), bool):
+    _fail('sharding.fsdp', config.sharding.fsdp, 'must be True or False.')
+  _int(config, 'sharding.fsdp_min_size', 1)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -5,7 +5,7 @@ split into independent microbatches the way a classification loss can. Gradient
 caching (Gao et al., 2021; the BASIC paper's large-batch trick) splits the
 computation instead. With N pairs in K microbatches of m = N / K pairs:
 
-1. Embed: for k in 0..K-1 (`lax.map`, no gradient tape), encode microbatch k
+1. Embed: for k in 0..K-1 (`lax.scan`, no gradient tape), encode microbatch k
    with rng `microbatch_rng(rng, k)`; this gives the (N, d) image and text
    embeddings.
 2. Loss: `jax.value_and_grad(loss_fn)` over (params, image_emb, text_emb)
@@ -131,7 +131,7 @@ def _plain_value_and_grad(encode_fn, loss_fn):
 
 
 def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
-                   num_microbatches: int):
+                   num_microbatches: int, unroll: int = 1):
   """Builds the gradient-cached `(params, batch, rng) -> (loss, grads)`.
 
   Equal (to float32 rounding) to
@@ -145,6 +145,10 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
     loss_fn: (params, image_emb (N, d), text_emb (N, d)) -> () loss; may read
       parameters such as the temperature.
     num_microbatches: K; the batch size N of each call must be a multiple.
+    unroll: microbatches per loop iteration of steps 1 and 3 (`lax.scan`'s unroll; K or
+      True = fully unrolled). Same result. On XLA:CPU a loop body runs far slower than the same
+      ops outside a loop (measured in BENCHMARKS.md), so small K is best unrolled there; on
+      accelerators keep 1: each unrolled microbatch may hold its activations at once.
 
   Returns:
     A function (params, batch, rng) -> (loss (), grads like params). For K = 1
@@ -161,9 +165,13 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
 
     # 1. Embed every microbatch, no tape.
     frozen = jax.lax.stop_gradient(params)
-    image_emb, text_emb = jax.lax.map(
-        lambda xs: encode_fn(frozen, xs[1], microbatch_rng(rng, xs[0])),
-        (ks, microbatches))  # (K, m, d) each.
+
+    def embed(carry, xs):
+      k, mb = xs
+      return carry, encode_fn(frozen, mb, microbatch_rng(rng, k))
+
+    _, (image_emb, text_emb) = jax.lax.scan(
+        embed, None, (ks, microbatches), unroll=unroll)  # (K, m, d) each.
 
     # 2. Loss, direct parameter gradients and embedding cotangents.
     loss, (direct, d_image, d_text) = jax.value_and_grad(
@@ -183,7 +191,7 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     acc, _ = jax.lax.scan(backprop, zeros,
-                          (ks, microbatches, d_image, d_text))
+                          (ks, microbatches, d_image, d_text), unroll=unroll)
 
     # 4. Encoder gradients plus the loss's direct gradients.
     grads = jax.tree.map(

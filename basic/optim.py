@@ -2,12 +2,17 @@
 
 Weight decay is decoupled (AdamW) and applied only to matrices/kernels (ndim >= 2): never to
 biases, norm scales/offsets, or the temperature. Gradients are clipped by global norm first.
+
+'adamw': optax AdamW. 'adafactorw': Adafactor (Shazeer & Stern 2018; factored second moments,
+update clipping, optional momentum) with the same decoupled, lr-scaled weight decay as AdamW
+(the BASIC paper's optimiser): update = -lr(t) * (adafactor_direction + weight_decay * param).
+Unlike `optax.adafactor`, whose `weight_decay_rate` is added after the learning-rate scaling.
 """
 import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ('adamw',)
+OPTIMIZERS = ('adamw', 'adafactorw')
 SCHEDULES = ('cosine', 'linear', 'constant')
 
 
@@ -35,12 +40,37 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def adafactorw(opt_config, schedule) -> optax.GradientTransformation:
+  """Adafactor direction + decoupled weight decay, both scaled by the learning rate.
+
+  Reads from `config.optimizer`: `factored` (factor the second moment of matrices with both
+  dims >= `min_dim_size_to_factor`), `decay_rate` (second-moment decay 1 - t^-decay_rate),
+  `b1` (momentum; None or 0 = none, the memory-saving default of Adafactor),
+  `clipping_threshold` (update clipping by block RMS; None or 0 = off), `eps`,
+  `weight_decay` (masked by `weight_decay_mask`).
+  """
+  chain = [optax.scale_by_factored_rms(
+      factored=opt_config.factored, decay_rate=opt_config.decay_rate,
+      min_dim_size_to_factor=opt_config.get('min_dim_size_to_factor', 128),
+      epsilon=opt_config.eps)]
+  if opt_config.get('clipping_threshold'):
+    chain.append(optax.clip_by_block_rms(opt_config.clipping_threshold))
+  if opt_config.get('b1'):
+    chain.append(optax.ema(opt_config.b1, debias=False))
+  if opt_config.weight_decay:
+    chain.append(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask))
+  chain.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*chain)
+
+
 def make_optimizer(opt_config, total_steps: int):
   """-> (optax.GradientTransformation, schedule fn step -> lr)."""
   schedule = learning_rate_schedule(opt_config, total_steps)
   if opt_config.name == 'adamw':
     opt = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
                       weight_decay=opt_config.weight_decay, mask=weight_decay_mask)
+  elif opt_config.name == 'adafactorw':
+    opt = adafactorw(opt_config, schedule)
   else:
     raise ValueError(f'Unknown config.optimizer.name {opt_config.name!r}; one of {OPTIMIZERS}.')
   chain = []

@@ -2,8 +2,12 @@
 
 One `jax.sharding.Mesh` with named axes from `config.mesh` (an ordered ConfigDict of axis sizes,
 -1 = the remaining devices). The batch is sharded over the 'data' axis; parameters are
-replicated unless partition rules say otherwise.
+replicated unless the partition rules of `config.sharding` say otherwise (see
+`param_partition_specs`), and optimiser-state leaves follow their parameters.
 """
+import re
+from typing import Optional
+
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -50,3 +54,197 @@ def global_batch(local_batch, mesh: Mesh):
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
                       local_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter and optimiser-state shardings from `config.sharding`.
+#
+# `config.sharding.rules` is an ordered tuple of (regex, spec) pairs. The regex is `re.search`ed
+# on the '/'-joined parameter path (e.g. 'image/encoder/block00/attn/query/kernel'); the first
+# rule that matches gives the parameter's PartitionSpec; unmatched parameters are replicated.
+# A spec is a tuple with one entry per parameter dimension: None (replicated), a mesh-axis name,
+# or a tuple of mesh-axis names. With `config.sharding.fsdp`, parameters with at least
+# `config.sharding.fsdp_min_size` elements are additionally sharded over 'data' on their largest
+# still-unsharded dimension that the data axis size divides (ZeRO-3 / FSDP).
+
+_RULES_FIELD = 'config.sharding.rules'
+
+
+def path_str(path) -> str:
+  """A jax tree key path -> 'a/b/c' (dict keys, attribute names and sequence indices)."""
+  return '/'.join(_key_str(k) for k in path)
+
+
+def _key_str(key) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _flatten(tree):
+  """-> ([(path string, leaf)], treedef)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return [(path_str(p), x) for p, x in leaves], treedef
+
+
+def _axis_names(entry):
+  """A spec entry (None | name | tuple of names) -> tuple of mesh-axis names."""
+  if entry is None:
+    return ()
+  if isinstance(entry, str):
+    return (entry,)
+  return tuple(entry)
+
+
+def _check_rule(path, shape, pattern, spec, mesh):
+  """Raises ValueError naming path and rule if `spec` cannot shard an array of `shape`."""
+  where = f'parameter {path!r} of shape {tuple(shape)} matches rule ({pattern!r}, {spec!r}) ' \
+          f'in {_RULES_FIELD}'
+  if not isinstance(spec, (tuple, list)):
+    raise ValueError(f'{where}: the spec must be a tuple with one entry per dimension.')
+  if len(spec) != len(shape):
+    raise ValueError(f'{where}: the spec has {len(spec)} entries but the parameter has '
+                     f'{len(shape)} dimensions.')
+  used = [a for entry in spec for a in _axis_names(entry)]
+  if len(used) != len(set(used)):
+    raise ValueError(f'{where}: a mesh axis is used more than once.')
+  if mesh is None:
+    return
+  for axis in used:
+    if axis not in mesh.shape:
+      raise ValueError(f'{where}: unknown mesh axis {axis!r}; the mesh axes are '
+                       f'{tuple(mesh.axis_names)} (config.mesh).')
+  for dim, (size, entry) in enumerate(zip(shape, spec)):
+    parts = int(np.prod([mesh.shape[a] for a in _axis_names(entry)]))
+    if size % parts:
+      raise ValueError(f'{where}: dimension {dim} (size {size}) is not divisible by the '
+                       f'{parts} devices of mesh axes {_axis_names(entry)}.')
+
+
+def _compile_rules(rules):
+  compiled = []
+  for rule in rules:
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      raise ValueError(f'{_RULES_FIELD}: each rule must be a (regex, spec) pair, got {rule!r}.')
+    pattern, spec = rule
+    try:
+      compiled.append((re.compile(pattern), pattern, spec))
+    except re.error as e:
+      raise ValueError(f'{_RULES_FIELD}: bad regex {pattern!r}: {e}.') from e
+  return compiled
+
+
+def _match(path, compiled):
+  for regex, pattern, spec in compiled:
+    if regex.search(path):
+      return pattern, spec
+  return None
+
+
+def _fsdp_spec(spec, shape, data_size):
+  """Adds DATA_AXIS on the largest unsharded dimension divisible by data_size (if any)."""
+  spec = list(spec) if spec is not None else [None] * len(shape)
+  if data_size <= 1 or any(DATA_AXIS in _axis_names(e) for e in spec):
+    return tuple(spec)
+  candidates = [d for d in range(len(shape)) if spec[d] is None and shape[d] % data_size == 0]
+  if candidates:
+    best = max(candidates, key=lambda d: (shape[d], -d))  # Largest; first on ties.
+    spec[best] = DATA_AXIS
+  return tuple(spec)
+
+
+def param_partition_specs(params, rules, mesh: Optional[Mesh] = None, *, fsdp: bool = False,
+                          fsdp_min_size: int = 2**18):
+  """PartitionSpecs for a parameter pytree from ordered (regex, spec) rules.
+
+  Args:
+    params: pytree of arrays or jax.ShapeDtypeStructs (anything with `.shape`).
+    rules: ordered (regex, spec) pairs (`config.sharding.rules`); the first rule whose regex
+      `re.search`es the '/'-joined parameter path wins; unmatched parameters are replicated.
+    mesh: if given, mesh-axis names and divisibility are checked against it (required for
+      fsdp, which needs the 'data' axis size).
+    fsdp: additionally shard parameters with >= fsdp_min_size elements over 'data' on their
+      largest still-unsharded dimension divisible by the data axis size.
+    fsdp_min_size: element count from which FSDP applies.
+
+  Returns:
+    A pytree like `params` of `PartitionSpec`s.
+
+  Raises:
+    ValueError: naming the parameter path and the rule, for a spec of the wrong rank, an unknown
+      mesh axis, or a dimension the mesh axes do not divide.
+  """
+  if fsdp and mesh is None:
+    raise ValueError('config.sharding.fsdp=True needs the mesh (its data axis size).')
+  compiled = _compile_rules(rules)
+  data_size = mesh.shape.get(DATA_AXIS, 1) if mesh is not None else 1
+  leaves, treedef = _flatten(params)
+  specs = []
+  for path, x in leaves:
+    shape = tuple(x.shape)
+    spec = None
+    matched = _match(path, compiled)
+    if matched is not None:
+      pattern, spec = matched
+      _check_rule(path, shape, pattern, spec, mesh)
+      spec = tuple(spec)
+    if fsdp and int(np.prod(shape)) >= fsdp_min_size:
+      spec = _fsdp_spec(spec, shape, data_size)
+    specs.append(P(*spec) if spec is not None else P())
+  return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def unmatched_params(params, rules, min_size: int) -> list:
+  """Paths ('a/b/c') of parameters with >= min_size elements that no rule matches."""
+  compiled = _compile_rules(rules)
+  leaves, _ = _flatten(params)
+  return [path for path, x in leaves
+          if int(np.prod(x.shape)) >= min_size and _match(path, compiled) is None]
+
+
+def tree_partition_specs(tree, params, param_specs):
+  """Specs for any pytree (train state, optimiser state) that holds parameter-shaped leaves.
+
+  A leaf whose key path ends with a parameter's path (the longest such suffix) and has that
+  parameter's shape gets the parameter's spec (e.g. `params/...`, Adam's `mu/...`, `nu/...`);
+  every other leaf (step counters, scalars, factored statistics) is replicated.
+  """
+  by_path = {}
+  for (path, x), spec in zip(_flatten(params)[0], jax.tree.leaves(
+      param_specs, is_leaf=lambda s: isinstance(s, P))):
+    by_path[path] = (tuple(x.shape), spec)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  specs = []
+  for keys, x in leaves:
+    names = [_key_str(k) for k in keys]
+    spec = P()
+    for start in range(len(names)):
+      hit = by_path.get('/'.join(names[start:]))
+      if hit is not None and hit[0] == tuple(x.shape):
+        spec = hit[1]
+        break
+    specs.append(spec)
+  return jax.tree_util.tree_unflatten(treedef, specs)
+
+
+def sharding_config_specs(params, mesh: Mesh, sharding_config):
+  """`param_partition_specs` with the fields of `config.sharding` (absent = no rules)."""
+  if sharding_config is None:
+    return param_partition_specs(params, (), mesh)
+  return param_partition_specs(
+      params, tuple(sharding_config.get('rules', ())), mesh,
+      fsdp=bool(sharding_config.get('fsdp', False)),
+      fsdp_min_size=int(sharding_config.get('fsdp_min_size', 2**18)))
+
+
+def state_shardings(abstract_state, mesh: Mesh, config):
+  """NamedShardings for a train state with `.params` (and e.g. `.opt_state`, `.step`).
+
+  Parameters follow `config.sharding`; optimiser-state leaves that mirror a parameter follow
+  that parameter; everything else is replicated.
+  """
+  param_specs = sharding_config_specs(abstract_state.params, mesh, config.get('sharding'))
+  specs = tree_partition_specs(abstract_state, abstract_state.params, param_specs)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda s: isinstance(s, P))

@@ -6,6 +6,8 @@ Writes `DIR/metrics.jsonl` (one JSON object per logged step), TensorBoard events
 checkpoints; evaluates zero-shot every `eval_every_steps` and at the end.
 """
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -13,6 +15,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 import flax
 import jax
 import jax.numpy as jnp
@@ -25,6 +28,7 @@ from basic import config_lib
 from basic import contrastive
 from basic import gradcache
 from basic import metric_writers
+from basic import multihost
 from basic import optim
 from basic import sharding
 from basic import tokenizer as tokenizer_lib
@@ -37,6 +41,12 @@ from basic.models import temperature_from_params
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+# Multi-process runs on GPU/CPU clusters (TPU pods are detected automatically); see
+# basic/multihost.py and launch/local.py.
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of the jax.distributed coordinator (process 0).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index.")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,11 +60,18 @@ class TrainState:
   opt_state: Any
 
 
-def make_loss_fn(config):
-  """-> loss_fn(params, image_emb [N, d], text_emb [N, d]) -> scalar, per `config.loss`."""
+def make_loss_fn(config, mesh=None):
+  """-> loss_fn(params, image_emb [N, d], text_emb [N, d]) -> scalar, per `config.loss`.
+
+  With a `mesh`, the embeddings are first gathered over the batch axis (replicated on every
+  device), so the loss is the global-batch contrastive loss over all N pairs, as in BASIC.
+  """
   chunk = config.loss_chunk_size or None
 
   def loss_fn(params, image_emb, text_emb):
+    if mesh is not None:
+      image_emb, text_emb = jax.lax.with_sharding_constraint(
+          (image_emb, text_emb), sharding.replicated(mesh))
     temperature = temperature_from_params(params, config)
     if config.loss == 'softmax':
       return contrastive.softmax_loss(image_emb, text_emb, temperature, chunk_size=chunk)
@@ -71,16 +88,18 @@ def make_encode_fn(model):
   return encode_fn
 
 
-def make_train_step(config, model, tx, schedule):
+def make_train_step(config, model, tx, schedule, mesh=None):
   """-> train_step(state, batch, rng) -> (state, metrics), pure; jit it with shardings.
 
   The gradient is the exact full-batch gradient of the contrastive loss, computed in
   batch_size / microbatch_size microbatches (basic.gradcache). The step's randomness is
-  fold_in(rng, state.step), and microbatch k uses fold_in(that, k).
+  fold_in(rng, state.step), and microbatch k uses fold_in(that, k). With a `mesh`, the loss
+  gathers the embeddings of the whole (data-sharded) batch (see `make_loss_fn`).
   """
   num_microbatches = config.batch_size // config.microbatch_size
-  value_and_grad = gradcache.value_and_grad(make_encode_fn(model), make_loss_fn(config),
-                                            num_microbatches=num_microbatches)
+  value_and_grad = gradcache.value_and_grad(make_encode_fn(model), make_loss_fn(config, mesh),
+                                            num_microbatches=num_microbatches,
+                                            unroll=config.gradcache_unroll)
 
   def train_step(state, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
@@ -98,6 +117,16 @@ def make_train_step(config, model, tx, schedule):
   return train_step
 
 
+def jit_train_step(config, model, tx, schedule, mesh, state_shardings):
+  """`make_train_step` jitted with the real shardings: the state per `state_shardings` (donated),
+  the batch over 'data', the rng and metrics replicated. -> jitted (state, batch, rng)."""
+  return jax.jit(
+      make_train_step(config, model, tx, schedule, mesh),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+
+
 def init_batch(config, batch_size: int):
   """Dummy inputs of the config's shapes, for init and compilation."""
   size = config.data.image_size
@@ -105,15 +134,61 @@ def init_batch(config, batch_size: int):
           'text': jnp.zeros((batch_size, config.data.text_length), jnp.int32)}
 
 
-def create_train_state(config, model, tx, mesh):
-  """Initialises the train state directly with its shardings (no full host copy first)."""
+def make_init_fn(config, model, tx):
+  """-> init() -> TrainState at step 0 (params from config.seed); jit or eval_shape it."""
   def init():
     batch = init_batch(config, 2)
     params = model.init(jax.random.key(config.seed), batch['image'], batch['text'])['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  abstract = jax.eval_shape(init)
-  shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  return jax.jit(init, out_shardings=shardings)(), shardings
+  return init
+
+
+def abstract_train_state(config, model, tx, mesh):
+  """-> (abstract TrainState of ShapeDtypeStructs, its NamedShardings); allocates nothing.
+
+  Parameters are sharded by `config.sharding` (basic.sharding.state_shardings), optimiser
+  statistics like their parameters, the rest replicated.
+  """
+  abstract = jax.eval_shape(make_init_fn(config, model, tx))
+  return abstract, sharding.state_shardings(abstract, mesh, config)
+
+
+def create_train_state(config, model, tx, mesh):
+  """Initialises the train state directly with its shardings (no full host copy first)."""
+  _, shardings = abstract_train_state(config, model, tx, mesh)
+  return jax.jit(make_init_fn(config, model, tx), out_shardings=shardings)(), shardings
+
+
+class PreemptionWatch:
+  """SIGTERM (a TPU VM's notice before maintenance) -> stop after the current step and save.
+
+  Single process: a SIGTERM handler sets a flag. Several processes: JAX's preemption sync
+  manager (started by jax.distributed.initialize) makes every process agree on the same step
+  (`multihost_utils.reached_preemption_sync_point`).
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: finishing the current step, saving a checkpoint, exiting.')
+    self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
 
 def _first_nonfinite(pending):
@@ -162,12 +237,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.write_hparams({'num_params': num_params, **{
         k: v for k, v in config_lib.flatten(config).items() if isinstance(v, (int, float, str))}})
 
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(config, model, tx, schedule),
-      in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  train_step = jit_train_step(config, model, tx, schedule, mesh, state_shardings)
   rng = jax.random.key(config.seed + 1)
   train_iter = pipeline.make_train_iterator(
       config, tokenizer, start_step=start_step, process_index=jax.process_index(),
@@ -199,31 +269,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = {}
   step = start_step
   window_start, window_first_step = time.perf_counter(), step
-  while step < config.total_steps:
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = sharding.global_batch(next(train_iter), mesh)
-      state, metrics = train_step(state, batch, rng)
-    step += 1
-    pending.append((step, metrics['train/loss']))
-    window.append(metrics)
-    report(step)
-    is_last = step == config.total_steps
-    if step % config.log_every_steps == 0 or is_last:
-      check_finite(pending)
-      pending = []
-      scalars = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
-      elapsed = time.perf_counter() - window_start
-      scalars['train/images_per_sec'] = (step - window_first_step) * config.batch_size / elapsed
-      writer.write_scalars(step, scalars)
-      window = []
-      window_start, window_first_step = time.perf_counter(), step
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      check_finite(pending)
-      pending = []
-      ckpt.save(step, state, config)
-      last_good = step
-    if step % config.eval_every_steps == 0 or is_last:
-      results = run_eval(step)
+  with PreemptionWatch() as preemption:
+    while step < config.total_steps:
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding.global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, batch, rng)
+      step += 1
+      pending.append((step, metrics['train/loss']))
+      window.append(metrics)
+      report(step)
+      preempted = preemption.should_stop(step)
+      is_last = step == config.total_steps or preempted
+      if step % config.log_every_steps == 0 or is_last:
+        check_finite(pending)
+        pending = []
+        scalars = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
+        elapsed = time.perf_counter() - window_start
+        scalars['train/images_per_sec'] = (step - window_first_step) * config.batch_size / elapsed
+        writer.write_scalars(step, scalars)
+        window = []
+        window_start, window_first_step = time.perf_counter(), step
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        check_finite(pending)
+        pending = []
+        ckpt.save(step, state, config)
+        last_good = step
+      if preempted:
+        logging.warning('Preempted: saved step %d in %s; rerun the same command to resume.',
+                        step, ckpt.directory)
+        break
+      if step % config.eval_every_steps == 0 or is_last:
+        results = run_eval(step)
   if start_step == config.total_steps:  # Already finished: evaluate the restored state.
     results = run_eval(step)
   ckpt.wait()
@@ -240,6 +316,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/tiny.py.')
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info('JAX devices: %s; process %d of %d.', jax.devices(), jax.process_index(),
                jax.process_count())
   results = train_and_evaluate(config, _WORKDIR.value)

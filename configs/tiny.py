@@ -19,6 +19,10 @@ def get_config(arg=None):
   config.microbatch_size = 256     # m: N % m == 0; N / m microbatches per step.
   config.loss = 'softmax'          # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP).
   config.loss_chunk_size = 0       # c rows per logit chunk; 0 = unchunked N x N reference.
+  # Microbatches per loop iteration of the gradient-cache passes (same result). 1 on
+  # accelerators; on CPU, XLA runs loop bodies slowly, so set it to N / m for small N / m
+  # (see BENCHMARKS.md, gradcache).
+  config.gradcache_unroll = 1
 
   config.total_steps = 1500
   config.log_every_steps = 50
@@ -92,6 +96,24 @@ def get_config(arg=None):
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1   # -1: all remaining devices.
   config.mesh.model = 1
+
+  # Parameter shardings: ordered (regex on the '/'-joined parameter path, spec) rules, first
+  # match wins, unmatched = replicated (basic/sharding.py). Megatron-style tensor parallelism
+  # over 'model': attention heads and the MLP hidden dimension are split, so each block needs
+  # one all-reduce after attention and one after the MLP. No-ops while config.mesh.model == 1.
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.rules = (
+      ('attn/(query|key|value)/kernel$', (None, 'model', None)),  # [D, heads, D/heads]
+      ('attn/(query|key|value)/bias$', ('model', None)),          # [heads, D/heads]
+      ('attn/out/kernel$', ('model', None, None)),                # [heads, D/heads, D]
+      ('mlp/Dense_0/kernel$', (None, 'model')),                   # [D, mlp_dim]
+      ('mlp/Dense_0/bias$', ('model',)),                          # [mlp_dim]
+      ('mlp/Dense_1/kernel$', ('model', None)),                   # [mlp_dim, D]
+      ('token_embedding/embedding$', ('model', None)),            # [vocab, D]
+  )
+  # FSDP (ZeRO-3): also shard parameters of >= fsdp_min_size elements over 'data'.
+  config.sharding.fsdp = False
+  config.sharding.fsdp_min_size = 2**18
 
   config.eval = ml_collections.ConfigDict()
   config.eval.zeroshot = True

@@ -1,6 +1,8 @@
 """Learning-rate schedule values and the weight-decay mask."""
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from basic import optim
 from configs import tiny
@@ -33,6 +35,44 @@ def test_weight_decay_only_on_matrices():
   updates, _ = tx.update(zeros, tx.init(params), params)
   # With zero gradients only decoupled weight decay moves parameters: -lr * wd * p.
   np.testing.assert_allclose(updates['dense']['kernel'], -0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(updates['dense']['bias'], 0.0)
+  np.testing.assert_allclose(updates['ln']['scale'], 0.0)
+  np.testing.assert_allclose(updates['log_temperature'], 0.0)
+
+
+def _adafactorw_config(**overrides):
+  from configs import basic_s  # pylint: disable=import-outside-toplevel
+  opt = basic_s.get_config().optimizer
+  opt.warmup_steps, opt.grad_clip_norm = 0, 0.0
+  opt.update(overrides)
+  return opt
+
+
+def test_adafactorw_step_decreases_loss():
+  opt = _adafactorw_config(learning_rate=0.05, weight_decay=1e-4)
+  target = jnp.arange(12.0).reshape(3, 4) / 12
+  params = {'w': jnp.zeros((3, 4)), 'b': jnp.zeros(4)}
+  loss = lambda p: jnp.sum((p['w'] + p['b'] - target) ** 2)
+  tx, _ = optim.make_optimizer(opt, total_steps=100)
+  state = tx.init(params)
+  losses = []
+  for _ in range(5):
+    value, grads = jax.value_and_grad(loss)(params)
+    losses.append(float(value))
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_adafactorw_weight_decay_is_decoupled_and_masked():
+  opt = _adafactorw_config(learning_rate=0.1, weight_decay=0.5, schedule='constant')
+  params = {'dense': {'kernel': jnp.full((256, 256), 2.0), 'bias': jnp.ones(256)},
+            'ln': {'scale': jnp.ones(4)}, 'log_temperature': jnp.zeros(())}
+  tx, _ = optim.make_optimizer(opt, total_steps=10)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  # Zero gradients: only the decay moves parameters, by -lr * wd * p (factored kernel too).
+  np.testing.assert_allclose(updates['dense']['kernel'], -0.1 * 0.5 * 2.0, rtol=1e-6)
   np.testing.assert_allclose(updates['dense']['bias'], 0.0)
   np.testing.assert_allclose(updates['ln']['scale'], 0.0)
   np.testing.assert_allclose(updates['log_temperature'], 0.0)

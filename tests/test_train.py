@@ -205,3 +205,28 @@ def test_microbatched_train_step_matches_full_batch(loss):
   assert max(moved) > 1e-3
   if loss == 'sigmoid':
     assert 'bias' in pa and float(pa['bias']) != -10.0
+
+
+def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
+  """SIGTERM mid-run: the current step finishes, is checkpointed, and the process exits 0."""
+  workdir = str(tmp_path / 'run')
+  cmd = [sys.executable, '-m', 'basic.train', f'--workdir={workdir}',
+         '--config=configs/tiny.py', '--config.batch_size=32', '--config.microbatch_size=32',
+         '--config.total_steps=100000', '--config.log_every_steps=1',
+         '--config.checkpoint_every_steps=50000', '--config.eval_every_steps=50000',
+         '--config.tokenizer.train_sentences=2000']
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(_train_rows(workdir)) >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, 'the run ended before SIGTERM'
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=120) == 0
+  last_logged = _train_rows(workdir)[-1]['step']
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
+  assert saved == [last_logged] and 3 <= last_logged < 50000

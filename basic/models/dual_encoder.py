@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from basic.models import coatnet
 from basic.models import text as text_lib
 from basic.models import vit
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-IMAGE_TOWERS = ('vit',)
+IMAGE_TOWERS = ('vit', 'coatnet')
 TEXT_TOWERS = ('transformer',)
 
 
@@ -28,6 +29,9 @@ def _image_tower(cfg, dtype):
                    num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pool=cfg.pool,
                    posemb=cfg.get('posemb', 'learn'), dropout=cfg.dropout, remat=cfg.remat,
                    dtype=dtype, name='image')
+  if cfg.name == 'coatnet':
+    return coatnet.CoAtNet(**coatnet.variant_spec(cfg), drop_path=cfg.get('drop_path', 0.0),
+                           remat=cfg.get('remat', 'none'), dtype=dtype, name='image')
   raise ValueError(f'Unknown config.model.image.name {cfg.name!r}.')
 
 

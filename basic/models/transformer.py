@@ -26,8 +26,9 @@ def maybe_remat(block_cls, policy_name: str):
     raise ValueError(f'Unknown remat policy {policy_name!r}; one of {sorted(REMAT_POLICIES)}.')
   if policy_name == 'none':
     return block_cls
-  # Argument 2 of __call__ (`deterministic`) is a Python bool: static for the remat trace.
-  return nn.remat(block_cls, policy=REMAT_POLICIES[policy_name], static_argnums=(2,))
+  # `deterministic` is a Python bool and must stay static for the remat trace. nn.remat counts
+  # `self` as argument 0, so in EncoderBlock.__call__(self, x, mask, deterministic) it is 3.
+  return nn.remat(block_cls, policy=REMAT_POLICIES[policy_name], static_argnums=(3,))
 
 
 class MlpBlock(nn.Module):

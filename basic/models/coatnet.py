@@ -1,0 +1,268 @@
+"""CoAtNet image tower (Dai et al. 2021, "CoAtNet: Marrying Convolution and Attention").
+
+[B, H, W, 3] float images -> [B, width] pooled features (global average pool + LayerNorm), so
+the DualEncoder's projection follows. Stages (paper Section 3.2, Table 3):
+
+  S0  stem: 3x3 conv stride 2 -> norm -> GELU -> 3x3 conv             (H/2)
+  S1, S2  MBConv blocks: expansion 4, depthwise 3x3, squeeze-excitation (H/4, H/8)
+  S3, S4  Transformer blocks with 2-D relative attention              (H/16, H/32)
+
+Every block is pre-norm (`x + f(Norm(x))`). The first block of each stage downsamples
+(Section 3.2, "x <- Proj(Pool(x)) + Conv(DepthConv(Conv(Norm(x), stride=2)))" for MBConv and
+"x <- Proj(Pool(x)) + Attention(Pool(Norm(x)))" for Transformer blocks): the shortcut is a 2x2
+max-pool and a 1x1 projection; the MBConv residual uses a stride-2 depthwise conv, the
+Transformer residual a 2x2 max-pool before attention. Relative attention adds a learned bias
+per head, a table of (2H-1) x (2W-1) entries indexed by the 2-D offset between query and key.
+
+Choices where the paper is not explicit (they matter for the parameter count only):
+- MBConv expansion counts from the block's input channels (MobileNetV2 / EfficientNet); the
+  squeeze-excitation bottleneck is 0.25 x the expanded channels (as timm's paper-faithful
+  `coatnet_*` / MaxViT blocks do). Attention heads have `head_dim` channels (32 for
+  CoAtNet-0..4, 64 for 5, 128 for 6/7), their count = the stage width / head_dim.
+- Biases on the linear layers that feed a residual sum, none on convs followed by a norm.
+
+NORMALISATION: the paper uses BatchNorm in the stem and MBConv blocks and LayerNorm in the
+Transformer blocks. BatchNorm is replaced here by LayerNorm over channels everywhere, because
+batch statistics are computed per microbatch under gradient caching (`basic.gradcache`): with
+BatchNorm a K-microbatch step would not equal the full-batch step, and the model's output
+would depend on the batch it is evaluated in. LayerNorm has per-example statistics only, so a
+gradient-cached step is exact. Effect vs the paper: the same parameter count up to the
+BatchNorm moving statistics (non-trainable, 2 per channel, absent here); ConvNeXt shows conv
+nets train as well with LayerNorm, but ImageNet numbers of the paper are not reproduced here.
+
+Stochastic depth (drop path) drops each block's residual branch per example with a rate
+rising linearly from 0 at the first block to `drop_path` at the last (rng stream 'dropout').
+Every block can be rematerialised with a `basic.models.transformer.REMAT_POLICIES` policy.
+"""
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from basic.models import transformer
+
+# name -> (stem width D0, blocks per stage, widths per stage, block types, strides, head dim).
+# 'C' = MBConv, 'T' = Transformer with relative attention.
+VARIANTS = {
+    # CoAtNet paper Table 3: L = blocks, D = widths of S1..S4 (D0 for the stem).
+    'coatnet-0': (64, (2, 3, 5, 2), (96, 192, 384, 768), 'CCTT', (2, 2, 2, 2), 32),
+    'coatnet-1': (64, (2, 6, 14, 2), (96, 192, 384, 768), 'CCTT', (2, 2, 2, 2), 32),
+    'coatnet-2': (128, (2, 6, 14, 2), (128, 256, 512, 1024), 'CCTT', (2, 2, 2, 2), 32),
+    'coatnet-3': (192, (2, 6, 14, 2), (192, 384, 768, 1536), 'CCTT', (2, 2, 2, 2), 32),
+    'coatnet-4': (192, (2, 12, 28, 2), (192, 384, 768, 1536), 'CCTT', (2, 2, 2, 2), 32),
+    # CoAtNet paper Table 9 (JFT-3B models): CoAtNet-5 widens S2..S4, head size 64.
+    'coatnet-5': (192, (2, 12, 28, 2), (256, 512, 1280, 2048), 'CCTT', (2, 2, 2, 2), 64),
+    # CoAtNet-6/7 (Table 9): S3 is split into 8 MBConv blocks then 42 Transformer blocks of
+    # twice the width at the same resolution (stride 1); head size 128.
+    'coatnet-6': (192, (2, 4, 8, 42, 2), (192, 384, 768, 1536, 2048), 'CCCTT',
+                  (2, 2, 2, 1, 2), 128),
+    'coatnet-7': (192, (2, 4, 8, 42, 2), (256, 512, 1024, 2048, 3072), 'CCCTT',
+                  (2, 2, 2, 1, 2), 128),
+}
+BLOCK_TYPES = ('C', 'T')
+
+
+def variant_spec(cfg):
+  """`config.model.image` -> dict(stem_dim, depths, dims, block_types, strides, head_dim).
+
+  `cfg.variant` names a row of VARIANTS; `variant=''` reads the explicit fields of the same
+  names from `cfg` instead (for small test models).
+  """
+  variant = cfg.get('variant', '')
+  if variant:
+    if variant not in VARIANTS:
+      raise ValueError(f'config.model.image.variant={variant!r}: one of {sorted(VARIANTS)} '
+                       'or "" (explicit stem_dim, depths, dims, block_types, strides, head_dim).')
+    stem_dim, depths, dims, block_types, strides, head_dim = VARIANTS[variant]
+  else:
+    stem_dim, depths, dims = cfg.stem_dim, tuple(cfg.depths), tuple(cfg.dims)
+    block_types, strides, head_dim = cfg.block_types, tuple(cfg.strides), cfg.head_dim
+  return dict(stem_dim=stem_dim, depths=tuple(depths), dims=tuple(dims),
+              block_types=''.join(block_types), strides=tuple(strides), head_dim=head_dim)
+
+
+def relative_position_index(height: int, width: int) -> np.ndarray:
+  """[H*W, H*W] int index into a (2H-1)*(2W-1) table of 2-D offsets (query - key)."""
+  coords = np.stack(np.meshgrid(np.arange(height), np.arange(width), indexing='ij'))
+  coords = coords.reshape(2, -1)                                       # [2, HW]
+  rel = coords[:, :, None] - coords[:, None, :]                        # [2, HW, HW]
+  return (rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)
+
+
+def _max_pool(x):
+  """2x2 max-pool, stride 2 ('SAME' padding for odd sizes). [B, H, W, C] -> [B, H/2, W/2, C]."""
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+
+
+def _remat(block_cls, policy_name: str):
+  """`block_cls` under `nn.remat` with a `transformer.REMAT_POLICIES` policy ('none' = as is).
+
+  Blocks here are called as `block(x, deterministic)`; nn.remat counts `self` as argument 0, so
+  the Python bool `deterministic` (static for the remat trace) is argument 2.
+  """
+  if policy_name not in transformer.REMAT_POLICIES:
+    raise ValueError(f'config.model.image.remat={policy_name!r}: one of '
+                     f'{sorted(transformer.REMAT_POLICIES)}.')
+  if policy_name == 'none':
+    return block_cls
+  return nn.remat(block_cls, policy=transformer.REMAT_POLICIES[policy_name], static_argnums=(2,))
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zeroes the whole residual branch of an example with prob `rate`."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    broadcast = tuple(range(1, x.ndim))  # One draw per example.
+    return nn.Dropout(self.rate, broadcast_dims=broadcast)(x, deterministic)
+
+
+def _shortcut(x, features, stride, dtype):
+  """Identity, or Proj(Pool(x)) when the block changes resolution or width."""
+  if stride > 1:
+    x = _max_pool(x)
+  if stride > 1 or x.shape[-1] != features:
+    x = nn.Dense(features, dtype=dtype, name='shortcut_proj')(x)
+  return x
+
+
+class MBConvBlock(nn.Module):
+  """x + DropPath(Conv1x1(SE(DWConv3x3(Conv1x1(LN(x)))))), downsampling in the depthwise conv.
+
+  [B, H, W, Cin] -> [B, H/stride, W/stride, features].
+  """
+  features: int
+  stride: int = 1
+  expansion: int = 4
+  se_ratio: float = 0.25
+  drop_path: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    shortcut = _shortcut(x, self.features, self.stride, self.dtype)
+    mid = x.shape[-1] * self.expansion
+    y = nn.LayerNorm(dtype=self.dtype, name='ln_pre')(x)
+    y = nn.Conv(mid, (1, 1), use_bias=False, dtype=self.dtype, name='expand')(y)
+    y = nn.gelu(nn.LayerNorm(dtype=self.dtype, name='ln_expand')(y))
+    y = nn.Conv(mid, (3, 3), strides=self.stride, padding='SAME', feature_group_count=mid,
+                use_bias=False, dtype=self.dtype, name='depthwise')(y)
+    y = nn.gelu(nn.LayerNorm(dtype=self.dtype, name='ln_depthwise')(y))
+    # Squeeze-excitation: channel gates from the spatial mean.
+    s = y.mean(axis=(1, 2), keepdims=True)
+    s = nn.gelu(nn.Dense(max(1, int(mid * self.se_ratio)), dtype=self.dtype, name='se_reduce')(s))
+    y = y * nn.sigmoid(nn.Dense(mid, dtype=self.dtype, name='se_expand')(s))
+    y = nn.Conv(self.features, (1, 1), dtype=self.dtype, name='project')(y)
+    return shortcut + DropPath(self.drop_path)(y, deterministic)
+
+
+class RelativeAttention(nn.Module):
+  """Multi-head self-attention over an H x W grid with a learned 2-D relative position bias.
+
+  [B, H, W, Cin] -> [B, H, W, num_heads * head_dim]. Parameters: qkv [Cin, 3, heads, head_dim],
+  out [heads, head_dim, D] (heads on their own axis, for tensor parallelism), and the bias
+  table [(2H-1)*(2W-1), heads], fixed to the grid size seen at init.
+  """
+  num_heads: int
+  head_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, _ = x.shape
+    qkv = nn.DenseGeneral((3, self.num_heads, self.head_dim), dtype=self.dtype, name='qkv')(x)
+    qkv = qkv.reshape(b, h * w, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                 # [B, T, heads, hd]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(self.head_dim).astype(np.float32)
+    table = self.param('relative_bias', nn.initializers.normal(0.02),
+                       ((2 * h - 1) * (2 * w - 1), self.num_heads), jnp.float32)
+    bias = table[relative_position_index(h, w)]                          # [T, T, heads]
+    logits = logits + jnp.transpose(bias, (2, 0, 1))[None].astype(logits.dtype)
+    attn = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    y = jnp.einsum('bhqk,bkhd->bqhd', attn, v).reshape(b, h, w, self.num_heads, self.head_dim)
+    return nn.DenseGeneral(self.num_heads * self.head_dim, axis=(-2, -1), dtype=self.dtype,
+                           name='out')(y)
+
+
+class TransformerBlock(nn.Module):
+  """x = Proj(Pool(x)) + DropPath(RelAttn(Pool(LN(x)))); x + DropPath(MLP(LN(x))).
+
+  [B, H, W, Cin] -> [B, H/stride, W/stride, features]; MLP expansion `mlp_ratio`, GELU.
+  """
+  features: int
+  head_dim: int
+  stride: int = 1
+  mlp_ratio: int = 4
+  drop_path: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if self.features % self.head_dim:
+      raise ValueError(f'CoAtNet Transformer width {self.features} is not a multiple of '
+                       f'config.model.image head_dim={self.head_dim}.')
+    shortcut = _shortcut(x, self.features, self.stride, self.dtype)
+    y = nn.LayerNorm(dtype=self.dtype, name='ln_attn')(x)
+    if self.stride > 1:
+      y = _max_pool(y)
+    y = RelativeAttention(self.features // self.head_dim, self.head_dim, self.dtype,
+                          name='attn')(y)
+    x = shortcut + DropPath(self.drop_path)(y, deterministic)
+    y = nn.LayerNorm(dtype=self.dtype, name='ln_mlp')(x)
+    y = nn.gelu(nn.Dense(self.features * self.mlp_ratio, dtype=self.dtype, name='mlp_in')(y))
+    y = nn.Dense(self.features, dtype=self.dtype, name='mlp_out')(y)
+    return x + DropPath(self.drop_path)(y, deterministic)
+
+
+class CoAtNet(nn.Module):
+  """CoAtNet encoder. __call__: images [B, H, W, 3] float -> [B, dims[-1]].
+
+  H and W must be multiples of 2 ** (1 + number of stride-2 stages) (32 for CoAtNet-0..7).
+  """
+  stem_dim: int
+  depths: Sequence[int]
+  dims: Sequence[int]
+  block_types: str = 'CCTT'
+  strides: Optional[Sequence[int]] = None   # Per stage; None = all 2.
+  head_dim: int = 32
+  expansion: int = 4
+  se_ratio: float = 0.25
+  drop_path: float = 0.0
+  remat: str = 'none'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
+    strides = tuple(self.strides or (2,) * len(self.depths))
+    if not len(self.depths) == len(self.dims) == len(self.block_types) == len(strides):
+      raise ValueError(f'CoAtNet: depths {self.depths}, dims {self.dims}, block_types '
+                       f'{self.block_types!r} and strides {strides} must have equal lengths.')
+    x = nn.Conv(self.stem_dim, (3, 3), strides=2, padding='SAME', use_bias=False,
+                dtype=self.dtype, name='stem_conv1')(images)
+    x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name='stem_ln')(x))
+    x = nn.Conv(self.stem_dim, (3, 3), padding='SAME', dtype=self.dtype, name='stem_conv2')(x)
+
+    mbconv = _remat(MBConvBlock, self.remat)
+    attn_block = _remat(TransformerBlock, self.remat)
+    total = sum(self.depths)
+    index = 0
+    for s, (depth, dim, kind, stride) in enumerate(
+        zip(self.depths, self.dims, self.block_types, strides)):
+      for i in range(depth):
+        rate = self.drop_path * index / max(total - 1, 1)  # Linear in depth, 0 at the first.
+        block_stride = stride if i == 0 else 1
+        name = f'stage{s + 1}_block{i:02d}'
+        if kind == 'C':
+          block = mbconv(dim, block_stride, self.expansion, self.se_ratio, rate, self.dtype,
+                         name=name)
+        elif kind == 'T':
+          block = attn_block(dim, self.head_dim, block_stride, self.expansion, rate,
+                             self.dtype, name=name)
+        else:
+          raise ValueError(f'CoAtNet block type {kind!r}: one of {BLOCK_TYPES}.')
+        x = block(x, not train)
+        index += 1
+    x = x.mean(axis=(1, 2))
+    return nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)

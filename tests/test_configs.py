@@ -1,0 +1,96 @@
+"""The paper configs: sizes against the papers, runlocal twins, sharding-rule coverage."""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from basic import config_lib
+from basic import sharding
+from basic import train
+from basic.models import DualEncoder
+
+PAPER_CONFIGS = ('basic_s', 'basic_m', 'basic_l', 'vit_b16', 'vit_l14')
+
+
+def _config(name, arg=None):
+  return importlib.import_module(f'configs.{name}').get_config(arg)
+
+
+def _abstract_params(config, batch_size=1):
+  """Parameter shapes of the config's DualEncoder, without allocating them."""
+  batch = train.init_batch(config, batch_size)
+  model = DualEncoder(config)
+  return jax.eval_shape(lambda b: model.init(jax.random.key(0), b['image'], b['text']),
+                        batch)['params']
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+# Published totals. CLIP: ViT-B/16 149.6M and ViT-L/14 427.6M (the released models). BASIC-L:
+# CoAtNet-7 (2.44B, CoAtNet paper Table 9) + a 670M text tower (BASIC paper model-size table),
+# the "3B weights" of the BASIC abstract. BASIC-S/M: their image towers against the CoAtNet paper
+# (25M / 168M including a 1000-way head, as the paper counts them).
+@pytest.mark.parametrize('name,part,published', [
+    ('vit_b16', None, 149.6e6),
+    ('vit_l14', None, 427.6e6),
+    ('basic_l', None, 2.44e9 + 670e6),
+    ('basic_l', 'text', 670e6),
+    ('basic_s', 'image', 25e6 - 768 * 1000 - 1000),
+    ('basic_m', 'image', 168e6 - 1536 * 1000 - 1000),
+])
+def test_param_counts_match_published(name, part, published):
+  params = _abstract_params(_config(name))
+  count = _count(params if part is None else params[part])
+  assert abs(count / published - 1) <= 0.02, (name, part, count)
+
+
+@pytest.mark.parametrize('name', PAPER_CONFIGS)
+def test_full_configs_wait_only_for_the_data_source(name):
+  config = _config(name)
+  with pytest.raises(config_lib.ConfigError, match=r'config\.data\.source=.tfrecord.'):
+    config_lib.validate(config)
+  config.data.source = 'synthetic'   # Everything else about the pod config is valid.
+  config_lib.validate(config, num_data_devices=128)
+
+
+@pytest.mark.parametrize('name', PAPER_CONFIGS)
+def test_runlocal_configs_validate_and_build(name):
+  config = config_lib.validate(_config(name, 'runlocal=True'))
+  assert config.data.source == 'synthetic' and config.data.image_size == 32
+  assert config.batch_size == 64 and config.batch_size // config.microbatch_size == 2
+  model = DualEncoder(config)
+  batch = train.init_batch(config, 2)
+  params = _abstract_params(config, 2)   # Traced, not compiled: training it is test_train's job.
+  image_emb, text_emb = jax.eval_shape(
+      lambda p, b: model.apply({'params': p}, b['image'], b['text'], train=True,
+                               rngs={'dropout': jax.random.key(0)}), params, batch)
+  assert image_emb.shape == text_emb.shape == (2, config.model.embed_dim)
+  assert _count(params) < 2e6
+
+
+def test_parse_arg():
+  from configs import common  # pylint: disable=import-outside-toplevel
+  assert common.parse_arg('runlocal=True', runlocal=False).runlocal is True
+  assert common.parse_arg('runlocal', runlocal=False).runlocal is True
+  assert common.parse_arg(None, runlocal=False).runlocal is False
+  with pytest.raises(ValueError, match='Unknown config argument'):
+    common.parse_arg('bogus=1', runlocal=False)
+
+
+@pytest.mark.parametrize('name', PAPER_CONFIGS)
+def test_sharding_rules_cover_every_large_parameter(name):
+  """No parameter of >= 2^16 elements is silently replicated, and every spec fits its mesh."""
+  config = _config(name)
+  params = _abstract_params(config)
+  rules = config.sharding.rules
+  assert sharding.unmatched_params(params, rules, 2**16) == []
+  model_size = 4 if config.mesh.model == -1 else config.mesh.model
+  mesh = jax.sharding.AbstractMesh((128, model_size), ('data', 'model'))
+  specs = sharding.param_partition_specs(params, rules, mesh, fsdp=config.sharding.fsdp,
+                                         fsdp_min_size=config.sharding.fsdp_min_size)
+  assert jax.tree.structure(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)
+                            ) == jax.tree.structure(params)

@@ -1,0 +1,131 @@
+"""A real multi-process run (2 processes x 4 CPU devices on 127.0.0.1, jax.distributed with gloo
+collectives, via launch/local.py) against the single-process 8-device run; launch/tpu.py."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from basic import checkpoint as checkpoint_lib
+from basic import metric_writers
+from basic import optim
+from basic import sharding
+from basic import train
+from basic.models import DualEncoder
+from configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+STEPS = 3
+# Tiny with 4 heads on a (data=4, model=2) mesh: parameters are split over 'model' inside each
+# process, the batch over 'data' across the two processes.
+OVERRIDES = {'batch_size': 32, 'microbatch_size': 16, 'total_steps': STEPS,
+             'log_every_steps': 1, 'checkpoint_every_steps': STEPS, 'eval_every_steps': STEPS,
+             'eval.zeroshot': False, 'tokenizer.train_sentences': 2000,
+             'model.image.num_heads': 4, 'model.text.num_heads': 4, 'model.image.dropout': 0.1,
+             'mesh.data': 4, 'mesh.model': 2}
+
+
+def _flags(workdir, **extra):
+  items = {**OVERRIDES, **extra}
+  return ['--config=configs/tiny.py', f'--workdir={workdir}'] + [
+      f'--config.{k}={v}' for k, v in items.items()]
+
+
+def _env(num_devices):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def _losses(workdir):
+  rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+def _final_params(workdir):
+  """The step-STEPS params of a run's checkpoint, restored onto this process's one device."""
+  config = tiny.get_config()
+  config.model.image.num_heads = config.model.text.num_heads = 4
+  mesh = sharding.make_mesh({'data': 1, 'model': 1}, jax.devices()[:1])
+  model = DualEncoder(config)
+  tx, _ = optim.make_optimizer(config.optimizer, STEPS)
+  abstract, shardings = train.abstract_train_state(config, model, tx, mesh)
+  template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=1)
+  try:
+    state = ckpt.restore(template, STEPS)
+  finally:
+    ckpt.close()
+  return {sharding.path_str(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+
+
+def test_two_processes_match_one_process(tmp_path):
+  ref_dir, mh_dir = str(tmp_path / 'single'), str(tmp_path / 'multi')
+  ref = subprocess.run([sys.executable, '-m', 'basic.train', *_flags(ref_dir)], env=_env(8),
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-5000:]
+  spm = os.path.join(ref_dir, 'tokenizer', 'spm.model')   # Same tokenizer, trained once.
+  multi = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'launch', 'local.py'), '--num_processes=2',
+       '--devices_per_process=4', '--timeout=500', '--',
+       *_flags(mh_dir, **{'tokenizer.model_path': spm})],
+      env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert multi.returncode == 0, multi.stdout[-8000:]
+  assert 'process 1 of 2' in multi.stdout and '[1] ' in multi.stdout
+
+  ref_losses, mh_losses = _losses(ref_dir), _losses(mh_dir)
+  assert sorted(mh_losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([mh_losses[s] for s in sorted(mh_losses)],
+                             [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5)
+  ref_params, mh_params = _final_params(ref_dir), _final_params(mh_dir)
+  assert ref_params.keys() == mh_params.keys()
+  for path, value in ref_params.items():
+    if path.endswith('attn/key/bias'):  # Zero gradient: only rounding noise (test_sharding).
+      np.testing.assert_allclose(mh_params[path], value, atol=1e-5, err_msg=path)
+    else:
+      rel = np.linalg.norm(mh_params[path] - value) / max(np.linalg.norm(value), 1e-30)
+      assert rel <= 1e-5, (path, rel)
+
+
+def test_tpu_dry_run_prints_gcloud_commands():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'launch', 'tpu.py'), '--name=basic-s',
+       '--zone=us-central2-b', '--project=my-proj', '--accelerator_type=v4-32', '--spot',
+       '--config=configs/basic_s.py', '--workdir=gs://bucket/basic_s', '--dry-run', '--',
+       '--config.total_steps=1000'],
+      cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0, proc.stderr
+  commands = [line for line in proc.stdout.splitlines() if not line.startswith('#')]
+  where = '--zone=us-central2-b --project=my-proj'
+  assert commands == [
+      f'gcloud compute tpus tpu-vm create basic-s {where} --accelerator-type=v4-32 '
+      '--version=tpu-ubuntu2204-base --spot',
+      'git archive --format=tar.gz -o /tmp/basic_src.tar.gz HEAD',
+      f'gcloud compute tpus tpu-vm scp /tmp/basic_src.tar.gz basic-s:basic_src.tar.gz {where} '
+      '--worker=all',
+      f"gcloud compute tpus tpu-vm ssh basic-s {where} --worker=all '--command=mkdir -p basic && "
+      'tar -xzf basic_src.tar.gz -C basic && cd basic && pip install -q -e . '
+      '"jax[tpu]==0.10.2" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html\'',
+      f"gcloud compute tpus tpu-vm ssh basic-s {where} --worker=all '--command=cd basic && "
+      'python3 -m basic.train --config=configs/basic_s.py --workdir=gs://bucket/basic_s '
+      "--config.total_steps=1000'",
+      f'gcloud compute tpus tpu-vm delete basic-s {where} --quiet',
+  ]
+
+
+def test_tpu_rejects_local_workdir():
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'launch', 'tpu.py'), '--name=x', '--zone=z',
+       '--config=configs/tiny.py', '--workdir=/tmp/x', '--dry-run'],
+      cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode != 0 and 'gs://' in proc.stderr
+
+
+if __name__ == '__main__':
+  sys.exit(pytest.main([__file__]))

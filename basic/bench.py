@@ -188,9 +188,9 @@ def report(timing, points, command):
       '|---|---|---|---|---|---|---|',
       *[f"| {t['batch_size']} | {t['num_microbatches']} | {t['chunk_size']} | {t['unroll']} | "
         f"{t['plain_s']:.3f} | {t['cached_s']:.3f} | {t['ratio']:.2f} |" for t in timing], '',
-      'On XLA:CPU the ops of a loop body run far slower than the same ops unrolled, so the '
-      'rolled loop (gradcache_unroll=1, the right setting on accelerators) costs about twice the '
-      'plain step here; unrolled, the cached step is within the expected ~4/3 of a plain step.',
+      'On XLA:CPU the ops of a loop body run slower than the same ops unrolled, so the rolled '
+      'loop (gradcache_unroll=1, the right setting on accelerators) is the slower row here; the '
+      'unrolled row is the CPU setting. Theory: about 4/3 (one extra forward pass).',
       '',
       '(b) Peak RSS (`ru_maxrss`; VmHWM as a check) of a fresh process '
       f'running one cached step, m={FLAGS.microbatch_size}, '

@@ -15,9 +15,9 @@ from basic import sharding
 from basic import train
 from basic.models import DualEncoder
 from configs import tiny
+import cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 STEPS = 3
 # Tiny with 4 heads on a (data=4, model=2) mesh: parameters are split over 'model' inside each
 # process, the batch over 'data' across the two processes.
@@ -32,13 +32,6 @@ def _flags(workdir, **extra):
   items = {**OVERRIDES, **extra}
   return ['--config=configs/tiny.py', f'--workdir={workdir}'] + [
       f'--config.{k}={v}' for k, v in items.items()]
-
-
-def _env(num_devices):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}'
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
 
 
 def _losses(workdir):
@@ -67,7 +60,7 @@ def _final_params(workdir):
 
 def test_two_processes_match_one_process(tmp_path):
   ref_dir, mh_dir = str(tmp_path / 'single'), str(tmp_path / 'multi')
-  ref = subprocess.run([sys.executable, '-m', 'basic.train', *_flags(ref_dir)], env=_env(8),
+  ref = subprocess.run([sys.executable, '-m', 'basic.train', *_flags(ref_dir)], env=cpu_devices.env(8),
                        cwd=REPO, capture_output=True, text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-5000:]
   spm = os.path.join(ref_dir, 'tokenizer', 'spm.model')   # Same tokenizer, trained once.
@@ -75,7 +68,7 @@ def test_two_processes_match_one_process(tmp_path):
       [sys.executable, os.path.join(REPO, 'launch', 'local.py'), '--num_processes=2',
        '--devices_per_process=4', '--timeout=500', '--',
        *_flags(mh_dir, **{'tokenizer.model_path': spm})],
-      env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+      env=cpu_devices.env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert multi.returncode == 0, multi.stdout[-8000:]
   assert 'process 1 of 2' in multi.stdout and '[1] ' in multi.stdout
 

@@ -17,10 +17,10 @@ from basic import config_lib
 from basic import sharding
 from basic.models import DualEncoder
 from configs import tiny
+import cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Faster CPU compilation for the subprocesses (the same flags for every run that is compared).
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 0,
                         'xla_llvm_disable_expensive_passes': True}
 RTOL = 1e-5
@@ -28,13 +28,6 @@ RTOL = 1e-5
 # these parameters hold only rounding noise (~1e-7) amplified by Adam; they are compared in
 # absolute terms.
 ZERO_GRAD = re.compile(r'attn/key/bias$')
-
-
-def _env(num_devices):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}'
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
 
 
 def _abstract_params(config):
@@ -163,7 +156,7 @@ def test_remat_policies_give_the_same_gradients():
 def _mesh_results(tmp_path_factory, run_all):
   out_dir = tmp_path_factory.mktemp('mesh_all' if run_all else 'mesh')
   cmd = [sys.executable, os.path.join(REPO, 'tests', 'mesh_worker.py'), str(out_dir)]
-  proc = subprocess.run(cmd + (['--all'] if run_all else []), env=_env(8), cwd=REPO,
+  proc = subprocess.run(cmd + (['--all'] if run_all else []), env=cpu_devices.env(8), cwd=REPO,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   return dict(np.load(os.path.join(out_dir, 'results.npz')))
@@ -225,7 +218,7 @@ def test_more_meshes_match_single_device(tmp_path_factory):
 def test_plan_tiny_prints_param_counts_and_memory():
   proc = subprocess.run(
       [sys.executable, '-m', 'basic.plan', '--config=configs/tiny.py', '--devices=8'],
-      env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+      env=cpu_devices.env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
   lines = dict(line.split(': ', 1) for line in proc.stdout.splitlines() if ': ' in line)
   assert lines['params/total'] == '432769'

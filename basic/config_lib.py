@@ -9,12 +9,12 @@ import re
 import ml_collections
 
 from basic import optim
+from basic.data import pipeline
 from basic.models import coatnet
 from basic.models import dual_encoder
 from basic.models import transformer
 
 LOSSES = ('softmax', 'sigmoid')
-DATA_SOURCES = ('synthetic',)
 POOLS = {'image': ('gap', 'cls'), 'text': ('mean', 'eos', 'first')}
 
 
@@ -116,7 +116,7 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
     _int(config, field, 1)
   _int(config, 'seed', 0)
 
-  _choice(config, 'data.source', DATA_SOURCES)
+  _choice(config, 'data.source', pipeline.SOURCES)
   image_size = _int(config, 'data.image_size', 1)
   _int(config, 'data.text_length', 1)
   for field in ('data.mean', 'data.std'):

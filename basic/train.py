@@ -256,7 +256,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return results
 
   def check_finite(pending):
+    """Empties `pending` (step, loss) pairs; raises if one of the losses is not finite."""
     bad = _first_nonfinite(pending)
+    pending.clear()
     if bad is not None:
       ckpt.wait()
       where = (f'the last good checkpoint is step {last_good} in {ckpt.directory}'
@@ -282,7 +284,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       is_last = step == config.total_steps or preempted
       if step % config.log_every_steps == 0 or is_last:
         check_finite(pending)
-        pending = []
         scalars = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
         elapsed = time.perf_counter() - window_start
         scalars['train/images_per_sec'] = (step - window_first_step) * config.batch_size / elapsed
@@ -291,7 +292,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         window_start, window_first_step = time.perf_counter(), step
       if step % config.checkpoint_every_steps == 0 or is_last:
         check_finite(pending)
-        pending = []
         ckpt.save(step, state, config)
         last_good = step
       if preempted:

@@ -19,11 +19,11 @@ import numpy as np
 from basic.data import synthetic
 from basic.data import tf_setup
 
-_SOURCES = ('synthetic',)
+SOURCES = ('synthetic',)  # config.data.source values; config_lib validates against this.
 
 
 def _unsupported_source(source: str) -> ValueError:
-  return ValueError(f'Unsupported config.data.source={source!r}; supported: {_SOURCES} '
+  return ValueError(f'Unsupported config.data.source={source!r}; supported: {SOURCES} '
                     '(TFDS and TFRecord sources are not implemented yet).')
 
 

@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "absl-py==2.5.1",
     "etils==1.15.0",
+    # gs:// paths: etils.epath reads and writes them through fsspec/gcsfs (or tf.io.gfile when
+    # EPATH_USE_TF is left on); orbax writes arrays through tensorstore's own GCS driver.
+    "fsspec==2026.9.0",
+    "gcsfs==2026.10.1",
     "psutil==7.2.2",
 ]
 
@@ -30,8 +34,9 @@ setuptools.setup(
     version="0.1.0",
     description="BASIC-style contrastive image-text training in JAX/Flax, laptop to pod.",
     packages=setuptools.find_packages(include=["basic", "basic.*"]),
-    package_data={"basic": ["assets/*"]},
+    package_data={"basic": ["assets/*", "evaluate/data/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={"test": ["pytest==9.2.0", "gcp-storage-emulator==2026.7.19", "nbclient==0.11.0",
+                             "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"]},
 )

@@ -1,60 +1,203 @@
-"""Orbax checkpoints of the train state in `{workdir}/checkpoints`.
+"""Orbax checkpoints of a run, local or on GCS (`gs://bucket/...`).
 
-Each checkpoint step holds the train state (step, params, optimiser state) and the experiment
-config as JSON, so a checkpoint describes itself. Saves are asynchronous; orbax commits a step
-atomically (a half-written step is never reported as the latest).
+A checkpoint step directory `{directory}/{step}` holds four items, so that it describes itself:
+
+  state      the train state (step, params, optimiser state), arrays with their shardings;
+  config     the experiment config (JSON);
+  data       where the input stream stands: per-host record positions and drop counts, and the
+             base rng (JSON), so a resumed run sees the same data and randomness;
+  tokenizer  the SentencePiece model the run tokenises with (base64 in JSON), so inference and
+             continued training need nothing but the checkpoint.
+
+Saves are asynchronous and atomic: orbax writes into a temporary directory and commits it at the
+end, so a save interrupted by `kill -9` leaves no step that `latest_step` would report; the
+leftover temporary directory is removed when the next run opens the directory. A committed step
+that cannot be read (files truncated or lost afterwards) is skipped by `restore_latest` in favour
+of the previous one, with a warning, and moved aside into `{directory}/corrupt/` (kept for
+inspection, never deleted).
+
+Paths go through etils.epath (orbax writes arrays through tensorstore): see the README for the
+environment variables that point both at a GCS emulator.
 """
+import base64
 import json
-import os
+import time
+from typing import Any, Optional
 
+from absl import logging
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+
+ITEMS = ('state', 'config', 'data', 'tokenizer')
+CORRUPT_DIR = 'corrupt'
+
+
+def _abspath(path: str) -> str:
+  path = str(path)
+  return path if '://' in path else str(epath.Path(path).expanduser().resolve())
+
+
+def _brief(error: Exception, limit: int = 300) -> str:
+  text = str(error)
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def find_step_dir(path: str) -> tuple[str, Optional[int]]:
+  """A checkpoints directory, a training workdir, or one step directory -> (directory, step).
+
+  step is None when `path` is a directory of steps (then the latest is meant).
+  """
+  path = epath.Path(_abspath(path))
+  if (path / 'checkpoints').is_dir():
+    return str(path / 'checkpoints'), None
+  if path.name.isdigit() and (path / 'state').is_dir():
+    return str(path.parent), int(path.name)
+  return str(path), None
 
 
 class Checkpointer:
-  """Save / restore the train state of a run."""
+  """Save / restore the checkpoints of a run in `directory` (local path or gs://)."""
 
-  def __init__(self, directory: str, *, max_to_keep: int, keep_period=None,
-               async_save: bool = True):
-    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+  def __init__(self, directory: str, *, max_to_keep: Optional[int] = None,
+               keep_period: Optional[int] = None, async_save: bool = True,
+               read_only: bool = False):
+    """
+    Args:
+      directory: where the step directories live (created unless read_only).
+      max_to_keep: keep the last K steps (None: all) ...
+      keep_period: ... plus every step that is a multiple of M, forever (None or 0: none).
+      async_save: write in a background thread while training goes on.
+      read_only: open for restoring only (inference, soups): nothing is created or cleaned.
+    """
+    self.directory = _abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, keep_period=keep_period, create=True,
-        enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'config'))
+        max_to_keep=max_to_keep, keep_period=keep_period or None, create=not read_only,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+        read_only=read_only)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
-  def latest_step(self):
+  def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def all_steps(self):
-    return list(self._manager.all_steps())
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, config: ml_collections.ConfigDict) -> bool:
-    config_dict = json.loads(json.dumps(config.to_dict(), default=list))
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict)), force=True)
+  def save(self, step: int, state, config: ml_collections.ConfigDict, *,
+           data: Optional[dict] = None, tokenizer_model: Optional[bytes] = None) -> bool:
+    """Starts saving `state` at `step` (returns at once when async; `wait` to block).
 
-  def restore(self, template, step=None):
+    Args:
+      step: the step number (the directory name).
+      state: a pytree of (possibly sharded) jax.Arrays.
+      config: the experiment config.
+      data: JSON-able input-stream state (see module docstring).
+      tokenizer_model: the serialized SentencePiece model.
+    """
+    items = dict(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(_config_dict(config)),
+        data=ocp.args.JsonSave(data or {}),
+        tokenizer=ocp.args.JsonSave(
+            {'sentencepiece_model_base64':
+             base64.b64encode(tokenizer_model).decode('ascii') if tokenizer_model else ''}))
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, template, step: Optional[int] = None):
     """Restores the state at `step` (default latest) into the structure/shardings of `template`.
 
-    `template` may hold jax.Arrays or jax.ShapeDtypeStructs with shardings.
+    `template` may hold jax.Arrays or jax.ShapeDtypeStructs with shardings; None restores the
+    arrays as saved (on the default device), e.g. for inference on one host.
     """
+    step = self._step(step)
+    args = ocp.args.StandardRestore(
+        None if template is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
+    return self._manager.restore(step, args=ocp.args.Composite(state=args))['state']
+
+  def restore_latest(self, template) -> tuple[Optional[int], Any]:
+    """-> (step, state) of the newest readable step, or (None, template) if there is none.
+
+    A newer step that fails to restore while an older one restores is corrupt: it is logged,
+    moved into `{directory}/corrupt/`, and the older one is used. If no step restores, the
+    newest step's error is raised and nothing is moved (a template that does not match the
+    checkpoints, say after a config change, fails every step alike).
+    """
+    failed = []
+    for step in reversed(self.all_steps()):
+      try:
+        state = self.restore(template, step)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint step %d in %s cannot be restored (%s: %s); trying the '
+                        'previous one.', step, self.directory, type(e).__name__, _brief(e))
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        self._move_aside(bad, error)
+      return step, state
+    if failed:
+      raise failed[0][1]
+    return None, template
+
+  def _move_aside(self, step: int, error: Exception):
+    source = epath.Path(self.directory) / str(step)
+    target = epath.Path(self.directory) / CORRUPT_DIR / f'{step}-{int(time.time())}'
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      source.rename(target)
+      logging.warning('Skipped corrupt checkpoint step %d (%s: %s); moved it to %s.', step,
+                      type(error).__name__, _brief(error), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_move_aside_{step}')
+    self._manager.reload()
+
+  def restore_params(self, step: Optional[int] = None):
+    """The parameters saved at `step` (default latest), as saved, without a template.
+
+    Works for training checkpoints and for params-only ones (soups, conversions).
+    """
+    return self.restore(None, step)['params']
+
+  def restore_config(self, step: Optional[int] = None) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(self._restore_json('config', step))
+
+  def restore_data(self, step: Optional[int] = None) -> dict:
+    return self._restore_json('data', step) or {}
+
+  def restore_tokenizer(self, step: Optional[int] = None) -> Optional[bytes]:
+    """The SentencePiece model saved with `step`, or None if the checkpoint has none."""
+    encoded = (self._restore_json('tokenizer', step) or {}).get('sentencepiece_model_base64')
+    return base64.b64decode(encoded) if encoded else None
+
+  def _restore_json(self, item: str, step: Optional[int]):
+    step = self._step(step)
+    if not (epath.Path(self.directory) / str(step) / item).exists():
+      return None
+    return self._manager.restore(
+        step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+  def _step(self, step: Optional[int]) -> int:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self.directory}.')
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-    return restored['state']
-
-  def restore_config(self, step=None) -> ml_collections.ConfigDict:
-    step = self.latest_step() if step is None else step
-    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(restored['config'])
+    return step
 
   def wait(self):
     self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()
+
+
+def gather_host_values(values) -> np.ndarray:
+  """[k] numbers of this process -> int64 [process_count, k], the same on every process."""
+  local = np.asarray(values, np.int64)
+  if jax.process_count() == 1:
+    return local[None]
+  return np.asarray(multihost_utils.process_allgather(local))

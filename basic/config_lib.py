@@ -10,12 +10,14 @@ import ml_collections
 
 from basic import optim
 from basic.data import pipeline
+from basic.data import preprocess
 from basic.models import coatnet
+from basic.models import convnext
 from basic.models import dual_encoder
 from basic.models import transformer
 
 LOSSES = ('softmax', 'sigmoid')
-POOLS = {'image': ('gap', 'cls'), 'text': ('mean', 'eos', 'first')}
+POOLS = {'image': ('gap', 'cls'), 'text': ('mean', 'eos', 'first', 'argmax')}
 
 
 class ConfigError(ValueError):
@@ -95,6 +97,33 @@ def _validate_coatnet(config, image_size):
   _choice(config, 'model.image.remat', tuple(transformer.REMAT_POLICIES))
 
 
+def _validate_convnext(config, image_size):
+  """config.model.image of a ConvNeXt: a named timm size or explicit depths / dims / norm_eps."""
+  cfg = config.model.image
+  if _get(config, 'model.image.variant'):
+    _choice(config, 'model.image.variant', tuple(convnext.VARIANTS))
+  else:
+    n = len(_get(config, 'model.image.depths'))
+    dims = _get(config, 'model.image.dims')
+    if not n or len(dims) != n:
+      _fail('model.image.dims', dims,
+            f'must have one entry per stage, as model.image.depths ({n}).')
+    for field in ('depths', 'dims'):
+      if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in cfg[field]):
+        _fail(f'model.image.{field}', cfg[field], 'entries must be integers >= 1.')
+    _positive(config, 'model.image.norm_eps')
+  spec = convnext.variant_spec(cfg)
+  reduction = convnext.ConvNeXt.patch_size * 2 ** (len(spec['depths']) - 1)
+  if image_size % reduction:
+    _fail('data.image_size', image_size,
+          f'must be a multiple of {reduction} (the ConvNeXt stem and downsampling stages).')
+  drop_path = _get(config, 'model.image.drop_path')
+  if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not (
+      0 <= drop_path < 1):
+    _fail('model.image.drop_path', drop_path, 'must be in [0, 1).')
+  _choice(config, 'model.image.remat', tuple(transformer.REMAT_POLICIES))
+
+
 def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
              num_data_devices: int = 1):
   """Raises ConfigError naming the first bad field. Returns the config unchanged."""
@@ -114,6 +143,9 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   for field in ('total_steps', 'log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
     _int(config, field, 1)
+  _int(config, 'keep_checkpoint_every_steps', 0)
+  _choice(config, 'on_nonfinite', ('stop', 'skip'))
+  _int(config, 'debug_nan_at_step', 0)
   _int(config, 'seed', 0)
 
   _choice(config, 'data.source', pipeline.SOURCES)
@@ -125,6 +157,8 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
       _fail(field, value, 'must have 3 entries (RGB).')
   if min(config.data.std) <= 0:
     _fail('data.std', config.data.std, 'entries must be > 0.')
+  _validate_data(config)
+  _validate_eval(config, num_processes, num_data_devices)
 
   _int(config, 'model.embed_dim', 1)
   _positive(config, 'model.temperature_init')
@@ -134,6 +168,8 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   _choice(config, 'model.text.name', dual_encoder.TEXT_TOWERS)
   if image_tower == 'coatnet':
     _validate_coatnet(config, image_size)
+  elif image_tower == 'convnext':
+    _validate_convnext(config, image_size)
   else:
     patch = _int(config, 'model.image.patch_size', 1)
     if image_size % patch:
@@ -153,6 +189,11 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
     if not 0 <= dropout < 1:
       _fail(f'model.{tower}.dropout', dropout, 'must be in [0, 1).')
   _int(config, 'model.text.vocab_size', 8)
+  # Optional text-tower fields (absent = the defaults of basic.models.transformer).
+  if 'activation' in config.model.text:
+    _choice(config, 'model.text.activation', tuple(transformer.ACTIVATIONS))
+  if 'norm_eps' in config.model.text:
+    _positive(config, 'model.text.norm_eps')
 
   _choice(config, 'tokenizer.kind', ('sentencepiece',))
 
@@ -202,6 +243,109 @@ def _validate_sharding(config):
   if not isinstance(_get(config, 'sharding.fsdp'), bool):
     _fail('sharding.fsdp', config.sharding.fsdp, 'must be True or False.')
   _int(config, 'sharding.fsdp_min_size', 1)
+
+
+def _range(config, field, low, high, *, high_open=False):
+  """A (lo, hi) pair with low < lo <= hi <= high (hi < high if high_open)."""
+  value = _get(config, field)
+  ok = (isinstance(value, (tuple, list)) and len(value) == 2 and
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+  if ok:
+    lo, hi = value
+    ok = low < lo <= hi and (hi < high if high_open else hi <= high)
+  if not ok:
+    _fail(field, value, f'must be a pair (lo, hi) with {low} < lo <= hi '
+          f'{"<" if high_open else "<="} {high}.')
+
+
+def _validate_data(config):
+  """config.data fields of the tfds / tfrecord sources (basic/data/pipeline.py).
+
+  Only the config is checked here; files, data sets and feature keys are checked when the input
+  pipeline is created (pipeline.check_source), before training.
+  """
+  source = config.data.source
+  for field in ('tfds_name', 'tfds_split', 'data_dir', 'tfrecord_pattern', 'image_key',
+                'text_key', 'resize_method'):
+    if not isinstance(_get(config, f'data.{field}'), str):
+      _fail(f'data.{field}', config.data[field], 'must be a string.')
+  if source == 'tfds':
+    if not config.data.tfds_name:
+      _fail('data.tfds_name', '', "must name a TFDS data set when config.data.source='tfds'.")
+    if not config.data.tfds_split:
+      _fail('data.tfds_split', '', "must name a split when config.data.source='tfds'.")
+  if source == 'tfrecord' and not config.data.tfrecord_pattern.strip(' ,'):
+    _fail('data.tfrecord_pattern', config.data.tfrecord_pattern,
+          "must be a glob or comma-separated globs when config.data.source='tfrecord'.")
+  _int(config, 'data.seed', 0)
+  _int(config, 'data.shuffle_buffer', 0)
+  _int(config, 'data.cycle_length', 1)
+  _int(config, 'data.threads', 0)
+  _int(config, 'data.prefetch', 0)
+  for field in ('data.cache', 'data.antialias', 'data.augment.flip'):
+    if not isinstance(_get(config, field), bool):
+      _fail(field, _get(config, field), 'must be True or False.')
+  _choice(config, 'data.resize_method', preprocess.RESIZE_METHODS)
+  _range(config, 'data.augment.crop_scale', 0, 1)
+  _range(config, 'data.augment.crop_ratio', 0, float('inf'))
+  prob = _get(config, 'data.augment.erasing_prob')
+  if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+    _fail('data.augment.erasing_prob', prob, 'must be in [0, 1].')
+  _range(config, 'data.augment.erasing_scale', 0, 1, high_open=True)
+  _range(config, 'data.augment.erasing_ratio', 0, float('inf'))
+
+
+def _validate_eval(config, num_processes: int, num_data_devices: int):
+  """config.eval: zeroshot (bool) and tasks, named TFDS evaluation tasks (basic/evaluate/tasks.py).
+
+  Only the config is checked here; data sets, splits, features and data files are checked when a
+  task runs (basic/evaluate/datasets.py), with errors naming the same fields.
+  """
+  from basic.evaluate import metadata  # pylint: disable=g-import-not-at-top
+  from basic.evaluate import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+  if not isinstance(_get(config, 'eval.zeroshot'), bool):
+    _fail('eval.zeroshot', config.eval.zeroshot, 'must be True or False.')
+  tasks = config.eval.get('tasks')
+  if tasks is None:
+    return
+  if not isinstance(tasks, ml_collections.ConfigDict):
+    _fail('eval.tasks', tasks, 'must be a ConfigDict of named tasks.')
+  known = {'class_names': metadata.CLASS_NAMES, 'templates': metadata.TEMPLATES,
+           'subset': metadata.SUBSETS}
+  for name, task in tasks.items():
+    prefix = f'eval.tasks.{name}'
+    if not re.fullmatch(r'[A-Za-z][A-Za-z0-9_-]*', name) or name == 'zeroshot':
+      _fail(prefix, name, "task names must match [A-Za-z][A-Za-z0-9_-]* and differ from "
+            "'zeroshot' (the synthetic evaluation's metric prefix).")
+    if not isinstance(task, ml_collections.ConfigDict):
+      _fail(prefix, task, 'must be a ConfigDict (basic.evaluate.tasks.zeroshot_task / '
+            'retrieval_task).')
+    kind = _choice(config, f'{prefix}.kind', tasks_lib.KINDS)
+    text = ['tfds_name', 'split', 'image_key']
+    text += ['label_key', 'templates'] if kind == 'zeroshot' else ['caption_key']
+    for field in text + ['data_dir'] + (['class_names', 'subset'] if kind == 'zeroshot' else []):
+      value = _get(config, f'{prefix}.{field}')
+      if not isinstance(value, str):
+        _fail(f'{prefix}.{field}', value, 'must be a string.')
+      if field in text and not value:
+        _fail(f'{prefix}.{field}', value, 'must not be empty.')
+      if field in known and value and value not in known[field] and not metadata.is_path(value):
+        _fail(f'{prefix}.{field}', value, f'must be one of {sorted(known[field])} or a path to '
+              'a text file (one entry per line).')
+    batch = _int(config, f'{prefix}.batch_size', 0) or config.microbatch_size
+    if batch % num_processes or batch % num_data_devices:
+      _fail(f'{prefix}.batch_size', task.batch_size,
+            f'the evaluation batch ({batch}; 0 = config.microbatch_size) must be divisible by '
+            f'the number of processes ({num_processes}) and of data-parallel devices '
+            f'({num_data_devices}).')
+    if _int(config, f'{prefix}.max_examples', 0) and '[' in task.split:
+      _fail(f'{prefix}.max_examples', task.max_examples,
+            f'cannot be combined with a sliced split ({prefix}.split={task.split!r}); set 0 or '
+            'slice the split only.')
+    ks = _get(config, f'{prefix}.ks')
+    if (not isinstance(ks, (tuple, list)) or not ks or
+        any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks)):
+      _fail(f'{prefix}.ks', ks, 'must be a non-empty tuple of integers >= 1.')
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -1,28 +1,55 @@
 """Metric writers: TensorBoard event files (clu) plus one JSON object per step in metrics.jsonl.
 
 Only process 0 writes; other processes get a writer that drops everything.
+
+metrics.jsonl may live on GCS (objects cannot be appended to: the file is rewritten whole at each
+write there, which is cheap at the size a log of scalars reaches). A run resumed at step S first
+drops the rows of steps > S (written after the checkpoint it resumes from by the run that was
+interrupted, and about to be written again), so the file always holds one history.
 """
 import json
-import os
+from typing import Optional
 
 from clu import metric_writers
+from etils import epath
 import jax
 import numpy as np
 
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _is_remote(path) -> bool:
+  return '://' in str(path)
+
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Appends `{"step": s, "<name>": value, ...}` per write_scalars call to a JSONL file."""
+  """Writes `{"step": s, "<name>": value, ...}` per write_scalars call to a JSONL file.
 
-  def __init__(self, path: str):
-    self._path = path
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    self._file = open(path, 'a', encoding='utf-8')
+  Args:
+    path: the file (local or gs://).
+    start_step: rows of steps after this one are dropped from an existing file first (resume).
+  """
+
+  def __init__(self, path: str, start_step: int = 0):
+    self._path = epath.Path(path)
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    rows = read_jsonl(self._path) if self._path.exists() else []
+    kept = [row for row in rows if row['step'] <= start_step]
+    self._lines = [json.dumps(row) + '\n' for row in kept]
+    if len(kept) != len(rows) or not self._path.exists():
+      self._path.write_text(''.join(self._lines))
+    self._file = None if _is_remote(self._path) else open(self._path, 'a', encoding='utf-8')
 
   def write_scalars(self, step, scalars):
     row = {'step': int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._file.write(json.dumps(row) + '\n')
-    self._file.flush()
+    line = json.dumps(row) + '\n'
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      self._path.write_text(''.join(self._lines))
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -46,23 +73,32 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
   def flush(self):
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
 
   def close(self):
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
 
 
-def create_writer(workdir: str):
-  """TensorBoard + console logging + metrics.jsonl in `workdir` on process 0; a no-op elsewhere."""
+def create_writer(workdir: str, *, start_step: int = 0, tensorboard_dir: Optional[str] = None):
+  """TensorBoard + console logging + metrics.jsonl on process 0; a no-op writer elsewhere.
+
+  Args:
+    workdir: metrics.jsonl goes here (local or gs://).
+    start_step: the step the run starts (or resumes) at; see JsonlWriter.
+    tensorboard_dir: TensorBoard event files (default: workdir). TensorFlow writes them, through
+      its own GCS client for gs:// paths (real GCS only: it cannot be pointed at an emulator).
+  """
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, 'metrics.jsonl')),
+      metric_writers.create_default_writer(tensorboard_dir or workdir, asynchronous=False),
+      JsonlWriter(str(epath.Path(workdir) / METRICS_FILE), start_step),
   ])
 
 
-def read_jsonl(path: str):
-  """Reads metrics.jsonl back as a list of dicts."""
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path) -> list:
+  """Reads metrics.jsonl (local or gs://) back as a list of dicts."""
+  text = epath.Path(path).read_text()
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

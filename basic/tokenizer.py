@@ -7,6 +7,13 @@ that the EOS (when used) is still its last token.
 Train a model from a text file of captions, one per line:
 
   python -m basic.tokenizer train --input=captions.txt --vocab_size=256 --output=/tmp/spm.model
+
+or from the captions of a config's data source (synthetic, tfds or tfrecord; the first
+--sentences of them, default config.tokenizer.train_sentences; --vocab_size defaults to
+config.model.text.vocab_size, --lowercase to config.tokenizer.lowercase):
+
+  python -m basic.tokenizer train --config=configs/tiny.py --config.data.source=tfrecord \
+      --config.data.tfrecord_pattern='data/*.tfrecord' --sentences=1000000 --output=spm.model
 """
 import io
 import os
@@ -16,6 +23,7 @@ from typing import Iterable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import numpy as np
 import sentencepiece as spm
 
@@ -62,6 +70,10 @@ def train(sentences: Iterable[str], vocab_size: int, output: str, *, lowercase: 
   if size != vocab_size:
     logging.warning('SentencePiece produced %d pieces, not the %d asked for: the corpus is too '
                     'small or repetitive to support more.', size, vocab_size)
+  if '://' in str(output):  # An object store: one object write is atomic.
+    epath.Path(output).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(output).write_bytes(model.getvalue())
+    return output
   directory = os.path.dirname(os.path.abspath(output))
   os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=directory, suffix='.tmp', delete=False) as f:
@@ -88,8 +100,7 @@ class Tokenizer:
     if length <= int(add_bos) + int(add_eos):
       raise ValueError(f'length={length} leaves no room for text with add_bos={add_bos}, '
                        f'add_eos={add_eos}.')
-    with open(model_path, 'rb') as f:
-      self._model = f.read()
+    self._model = epath.Path(model_path).read_bytes()   # Local or gs://.
     self.model_path = model_path
     self.length = length
     self.lowercase = lowercase
@@ -104,6 +115,11 @@ class Tokenizer:
     """From `config.tokenizer` (fields lowercase, add_bos, add_eos)."""
     return cls(model_path, length, lowercase=tokenizer_config.lowercase,
                add_bos=tokenizer_config.add_bos, add_eos=tokenizer_config.add_eos)
+
+  @property
+  def serialized_model(self) -> bytes:
+    """The SentencePiece model file's bytes (saved with every checkpoint)."""
+    return self._model
 
   def tf_tokenize(self, texts):
     """tf.Tensor string [B] -> tf.Tensor int32 [B, length]; usable inside tf.data / tf.function."""
@@ -146,58 +162,91 @@ class Tokenizer:
 def ensure_tokenizer(config, workdir: str) -> str:
   """The path of the SentencePiece model for `config`, training (and caching) one if needed.
 
-  If `config.tokenizer.model_path` is set, it is returned (it must exist). Otherwise a model with
-  `config.model.text.vocab_size` pieces is trained on `config.tokenizer.train_sentences` training
-  captions of the synthetic data set into {workdir}/tokenizer/spm.model, or reused if there.
+  If `config.tokenizer.model_path` is set, it is returned (it must exist; local or gs://).
+  Otherwise a model with `config.model.text.vocab_size` pieces is trained on the first
+  `config.tokenizer.train_sentences` training captions of config.data's source
+  (`basic.data.pipeline.caption_stream`) into {workdir}/tokenizer/spm.model (local or gs://), or
+  reused if there. With several processes,
+  process 0 trains and writes it while the others wait for it at a barrier, then all read it.
   """
   path = config.tokenizer.model_path
   if path:
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       raise FileNotFoundError(f'config.tokenizer.model_path={path!r} does not exist.')
     return path
-  if config.data.source != 'synthetic':
-    raise ValueError(
-        f'config.tokenizer.model_path is empty and config.data.source={config.data.source!r}: '
-        'only the synthetic source trains its own tokenizer; train one with '
-        '`python -m basic.tokenizer train` and set config.tokenizer.model_path.')
+  import jax  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / 'tokenizer' / 'spm.model'
+  if jax.process_index() == 0:
+    _train_or_reuse_cached(config, path)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('basic.tokenizer.ensure_tokenizer')
+  return str(path)
+
+
+def _train_or_reuse_cached(config, path: epath.Path):
   vocab_size = config.model.text.vocab_size
-  path = os.path.join(workdir, 'tokenizer', 'spm.model')
-  if os.path.exists(path):
-    cached = spm.SentencePieceProcessor(model_file=path).vocab_size()
+  if path.exists():
+    cached = spm.SentencePieceProcessor(model_proto=path.read_bytes()).vocab_size()
     if cached > vocab_size:
       raise ValueError(f'Cached tokenizer {path} has {cached} pieces, more than '
                        f'config.model.text.vocab_size={vocab_size}; delete it to retrain.')
     logging.info('Reusing tokenizer %s (%d pieces).', path, cached)
-    return path
-  from basic.data import synthetic  # pylint: disable=g-import-not-at-top
-  captions = synthetic.ShapesDataset.from_config(config.data).captions(
-      config.tokenizer.train_sentences)
-  logging.info('Training a %d-piece tokenizer on %d synthetic captions into %s.',
-               vocab_size, len(captions), path)
-  return train(captions, vocab_size, path, lowercase=config.tokenizer.lowercase)
+    return
+  from basic.data import pipeline  # pylint: disable=g-import-not-at-top
+  captions = list(pipeline.caption_stream(config, config.tokenizer.train_sentences))
+  logging.info('Training a %d-piece tokenizer on %d %s captions into %s.',
+               vocab_size, len(captions), config.data.source, path)
+  train(captions, vocab_size, str(path), lowercase=config.tokenizer.lowercase)
 
 
 # --- Command line. --------------------------------------------------------------------------------
 
 
+_USAGE = ('Usage: python -m basic.tokenizer train (--input=captions.txt | --config=CONFIG.py '
+          '[--config.data.FIELD=...] [--sentences=N]) [--vocab_size=N] --output=PATH.model')
+
+
 def _define_flags():
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('input', None, 'Text file of captions, one per line.')
-  flags.DEFINE_integer('vocab_size', None, 'Number of pieces, including 4 special ids.')
+  config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config: train on the captions of its data source instead.')
+  flags.DEFINE_integer('sentences', None, 'With --config: number of captions to read '
+                       '(default config.tokenizer.train_sentences).')
+  flags.DEFINE_integer('vocab_size', None, 'Number of pieces, including 4 special ids '
+                       '(default with --config: config.model.text.vocab_size).')
   flags.DEFINE_string('output', None, 'Path of the .model file to write.')
-  flags.DEFINE_bool('lowercase', True, 'Lowercase the captions before training.')
+  flags.DEFINE_bool('lowercase', True, 'Lowercase the captions before training (default with '
+                    '--config: config.tokenizer.lowercase).')
   flags.DEFINE_string('model_type', 'bpe', "SentencePiece model type: 'bpe' or 'unigram'.")
-  flags.mark_flags_as_required(['input', 'vocab_size', 'output'])
+  flags.mark_flags_as_required(['output'])
 
 
 def main(argv):
   if len(argv) != 2 or argv[1] != 'train':
-    raise app.UsageError('Usage: python -m basic.tokenizer train --input=captions.txt '
-                         '--vocab_size=N --output=PATH.model')
+    raise app.UsageError(_USAGE)
   options = flags.FLAGS
-  with open(options.input, encoding='utf-8') as f:
-    sentences = [line.rstrip('\n') for line in f]
-  sentences = [s for s in sentences if s.strip()]
-  path = train(sentences, options.vocab_size, options.output, lowercase=options.lowercase,
+  config = options.config
+  if (options.input is None) == (config is None):
+    raise app.UsageError('Give exactly one of --input and --config. ' + _USAGE)
+  vocab_size, lowercase = options.vocab_size, options.lowercase
+  if config is not None:
+    from basic.data import pipeline  # pylint: disable=g-import-not-at-top
+    count = options.sentences or config.tokenizer.train_sentences
+    sentences = pipeline.caption_stream(config, count)
+    vocab_size = vocab_size or config.model.text.vocab_size
+    if not options['lowercase'].present:
+      lowercase = config.tokenizer.lowercase
+    logging.info('Training on up to %d captions of config.data.source=%r.', count,
+                 config.data.source)
+  else:
+    if vocab_size is None:
+      raise app.UsageError('--vocab_size is required with --input. ' + _USAGE)
+    with open(options.input, encoding='utf-8') as f:
+      sentences = [line.rstrip('\n') for line in f]
+    sentences = [s for s in sentences if s.strip()]
+  path = train(sentences, vocab_size, options.output, lowercase=lowercase,
                model_type=options.model_type)
   print(f'Wrote {path} ({spm.SentencePieceProcessor(model_file=path).vocab_size()} pieces).')
 

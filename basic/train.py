@@ -5,7 +5,6 @@ Running the same command again resumes from the latest checkpoint in `DIR/checkp
 Writes `DIR/metrics.jsonl` (one JSON object per logged step), TensorBoard events in `DIR`, and
 checkpoints; evaluates zero-shot every `eval_every_steps` and at the end.
 """
-import os
 import signal
 import threading
 import time
@@ -15,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from clu import periodic_actions
+from etils import epath
 from jax.experimental import multihost_utils
 import flax
 import jax
@@ -40,7 +40,10 @@ from basic.models import temperature_from_params
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Directory for checkpoints and logs (local or gs://bucket/...).')
+_TENSORBOARD_DIR = flags.DEFINE_string(
+    'tensorboard_dir', None, 'TensorBoard event files (default: --workdir).')
 # Multi-process runs on GPU/CPU clusters (TPU pods are detected automatically); see
 # basic/multihost.py and launch/local.py.
 _COORDINATOR = flags.DEFINE_string(
@@ -50,7 +53,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index.")
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+  """The loss or gradient norm became NaN/inf (config.on_nonfinite='stop'); the message names
+  the step and the last good checkpoint."""
 
 
 @flax.struct.dataclass
@@ -95,23 +99,43 @@ def make_train_step(config, model, tx, schedule, mesh=None):
   batch_size / microbatch_size microbatches (basic.gradcache). The step's randomness is
   fold_in(rng, state.step), and microbatch k uses fold_in(that, k). With a `mesh`, the loss
   gathers the embeddings of the whole (data-sharded) batch (see `make_loss_fn`).
+
+  metrics['train/nonfinite'] is 1 when the loss or the gradient norm is NaN/inf. With
+  config.on_nonfinite == 'skip' such a step leaves params and optimiser state unchanged (the
+  step counter still advances); with 'stop' the loop stops (see train_and_evaluate).
+  config.debug_nan_at_step = k > 0 makes update k (state.step == k - 1) non-finite, to test
+  that guard on a real run.
   """
   num_microbatches = config.batch_size // config.microbatch_size
   value_and_grad = gradcache.value_and_grad(make_encode_fn(model), make_loss_fn(config, mesh),
                                             num_microbatches=num_microbatches,
                                             unroll=config.gradcache_unroll)
 
+  nan_at_step = config.debug_nan_at_step
+  skip_nonfinite = config.on_nonfinite == 'skip'
+
   def train_step(state, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
     loss, grads = value_and_grad(state.params, batch, step_rng)
+    if nan_at_step > 0:   # Fault injection (tests of the non-finite guard).
+      nan = jnp.where(state.step + 1 == nan_at_step, jnp.nan, 0.0)
+      loss = loss + nan
+      grads = jax.tree.map(lambda g: g + nan.astype(g.dtype), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(finite, new, old)
+      params = jax.tree.map(keep, params, state.params)
+      opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     metrics = {
         'train/loss': loss,
         'train/temperature': temperature_from_params(params, config),
         'train/learning_rate': schedule(state.step),
-        'train/grad_norm': optax.tree.norm(grads),
+        'train/grad_norm': grad_norm,
         'train/param_norm': optax.tree.norm(params),
+        'train/nonfinite': 1 - finite.astype(jnp.int32),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
   return train_step
@@ -191,24 +215,48 @@ class PreemptionWatch:
     return self.requested
 
 
-def _first_nonfinite(pending):
-  for step, loss in pending:
-    if not np.isfinite(float(loss)):
-      return step
-  return None
+def _data_state(position, dropped, skipped, rng) -> dict:
+  """The JSON saved with a checkpoint: per-host stream positions / drop counts, skips, rng."""
+  rows = checkpoint_lib.gather_host_values([position, dropped])   # [process_count, 2]
+  return {'process_count': int(rows.shape[0]), 'positions': rows[:, 0].tolist(),
+          'dropped': rows[:, 1].tolist(), 'nonfinite_skipped': int(skipped),
+          'rng': np.asarray(jax.random.key_data(rng)).tolist()}
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs (or resumes) training in `workdir`; returns the final evaluation metrics."""
+def _resume_data(data: dict, config):
+  """-> (start_position, dropped, skipped, rng) of this host from a checkpoint's data state."""
+  rng = jax.random.key(config.seed + 1)
+  if not data:
+    return 0, 0, 0, rng
+  if 'rng' in data:
+    rng = jax.random.wrap_key_data(np.asarray(data['rng'], np.uint32))
+  position = dropped = 0
+  if data.get('process_count') == jax.process_count():
+    position = data['positions'][jax.process_index()]
+    dropped = data['dropped'][jax.process_index()]
+  elif any(data.get('positions', [])):
+    logging.warning('The checkpoint was written by %s processes, this run has %d: the input '
+                    'streams (sharded per process) restart from their beginning.',
+                    data.get('process_count'), jax.process_count())
+  return position, dropped, data.get('nonfinite_skipped', 0), rng
+
+
+def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
+  """Runs (or resumes) training in `workdir` (local or gs://); returns the final evaluation.
+
+  Resuming restores the newest readable checkpoint (a corrupt newer one is skipped, see
+  basic.checkpoint): the train state, this host's input-stream position and the rng, so the
+  resumed run continues exactly as an uninterrupted one.
+  """
   tf_setup.configure_tensorflow()   # Before any TF op: no accelerators, few threads.
   num_processes = jax.process_count()
   mesh = sharding.make_mesh(config.mesh)
   config_lib.validate(config, num_processes=num_processes,
                       num_data_devices=mesh.shape[sharding.DATA_AXIS])
-  os.makedirs(workdir, exist_ok=True)
+  workdir_path = epath.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config_lib.to_json(config))
+    (workdir_path / 'config.json').write_text(config_lib.to_json(config))
 
   tok_path = tokenizer_lib.ensure_tokenizer(config, workdir)
   tokenizer = tokenizer_lib.Tokenizer.from_config(config.tokenizer, tok_path,
@@ -224,24 +272,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %d parameters (%.2fM).', num_params, num_params / 1e6)
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                     max_to_keep=config.keep_checkpoints)
-  last_good = ckpt.latest_step()
+  ckpt = checkpoint_lib.Checkpointer(str(workdir_path / 'checkpoints'),
+                                     max_to_keep=config.keep_checkpoints,
+                                     keep_period=config.keep_checkpoint_every_steps)
+  last_good, state = ckpt.restore_latest(state)
+  data_state = {}
   if last_good is not None:
-    state = ckpt.restore(state, last_good)
-    logging.info('Resumed from checkpoint step %d.', last_good)
+    data_state = ckpt.restore_data(last_good)
+    logging.info('Resumed from checkpoint step %d in %s.', last_good, ckpt.directory)
+  position, dropped, skipped, rng = _resume_data(data_state, config)
   start_step = int(state.step)
 
-  writer = metric_writers.create_writer(workdir)
+  writer = metric_writers.create_writer(workdir, start_step=start_step,
+                                        tensorboard_dir=tensorboard_dir)
   if start_step == 0:
     writer.write_hparams({'num_params': num_params, **{
         k: v for k, v in config_lib.flatten(config).items() if isinstance(v, (int, float, str))}})
 
   train_step = jit_train_step(config, model, tx, schedule, mesh, state_shardings)
-  rng = jax.random.key(config.seed + 1)
   train_iter = pipeline.make_train_iterator(
       config, tokenizer, start_step=start_step, process_index=jax.process_index(),
-      process_count=num_processes)
+      process_count=num_processes, start_position=position)
   zeroshot_data = pipeline.make_zeroshot_data(config) if config.eval.zeroshot else None
 
   def run_eval(step):
@@ -256,14 +307,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return results
 
   def check_finite(pending):
-    """Empties `pending` (step, loss) pairs; raises if one of the losses is not finite."""
-    bad = _first_nonfinite(pending)
+    """Empties `pending` (step, nonfinite flag) pairs: raises at the first non-finite step
+    (on_nonfinite='stop'), or counts them (on_nonfinite='skip')."""
+    nonlocal skipped
+    bad = [s for s, flag in pending if int(flag)]
     pending.clear()
-    if bad is not None:
+    if bad and config.on_nonfinite == 'skip':
+      skipped += len(bad)
+      logging.warning('Non-finite loss or gradient at steps %s: updates skipped (%d so far).',
+                      bad, skipped)
+    elif bad:
       ckpt.wait()
       where = (f'the last good checkpoint is step {last_good} in {ckpt.directory}'
                if last_good is not None else 'no checkpoint was written yet')
-      raise NonFiniteLossError(f'Non-finite loss at step {bad}; {where}.')
+      raise NonFiniteLossError(f'Non-finite loss or gradient norm at step {bad[0]}; {where}.')
+
+  def save(step):
+    nonlocal last_good
+    check_finite(pending)
+    ckpt.save(step, state, config, data=_data_state(position, dropped, skipped, rng),
+              tokenizer_model=tokenizer.serialized_model)
+    last_good = step
 
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
@@ -274,26 +338,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with PreemptionWatch() as preemption:
     while step < config.total_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = sharding.global_batch(next(train_iter), mesh)
+        host_batch = next(train_iter)
+        position = int(host_batch.pop('position', position))
+        dropped = int(host_batch.pop('dropped', dropped))
+        batch = sharding.global_batch(host_batch, mesh)
         state, metrics = train_step(state, batch, rng)
       step += 1
-      pending.append((step, metrics['train/loss']))
+      pending.append((step, metrics['train/nonfinite']))
       window.append(metrics)
       report(step)
       preempted = preemption.should_stop(step)
       is_last = step == config.total_steps or preempted
       if step % config.log_every_steps == 0 or is_last:
         check_finite(pending)
-        scalars = {k: float(np.mean([jax.device_get(m[k]) for m in window])) for k in window[0]}
+        window = jax.device_get(window)
+        scalars = {k: float(np.nanmean([m[k] for m in window]))
+                   if any(np.isfinite(m[k]) for m in window) else float('nan')
+                   for k in window[0] if k != 'train/nonfinite'}
         elapsed = time.perf_counter() - window_start
         scalars['train/images_per_sec'] = (step - window_first_step) * config.batch_size / elapsed
+        scalars['train/nonfinite_skipped'] = skipped
+        scalars['data/dropped'] = int(checkpoint_lib.gather_host_values([dropped]).sum())
         writer.write_scalars(step, scalars)
         window = []
         window_start, window_first_step = time.perf_counter(), step
       if step % config.checkpoint_every_steps == 0 or is_last:
-        check_finite(pending)
-        ckpt.save(step, state, config)
-        last_good = step
+        save(step)
       if preempted:
         logging.warning('Preempted: saved step %d in %s; rerun the same command to resume.',
                         step, ckpt.directory)
@@ -319,7 +389,7 @@ def main(argv):
   multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info('JAX devices: %s; process %d of %d.', jax.devices(), jax.process_index(),
                jax.process_count())
-  results = train_and_evaluate(config, _WORKDIR.value)
+  results = train_and_evaluate(config, _WORKDIR.value, tensorboard_dir=_TENSORBOARD_DIR.value)
   if results:
     print(' '.join(f'{k}={v:.4f}' for k, v in sorted(results.items())))
 

@@ -5,14 +5,23 @@ AdaFactorW. Pod recipe, and with `:runlocal=True` its small twin on the syntheti
 
   python -m basic.train --config=configs/basic_l.py:runlocal=True --workdir=runs/basic_l_local
 
-CITATIONS. "BASIC Sec. N / Table N" refers to the BASIC paper, "CoAtNet Table N" to Dai et al.
-2021. Numbers marked (UNVERIFIED) are quoted from memory of the BASIC paper's model-size table
-and training details, which were not available offline when this file was written; check them
-against the paper. Numbers marked (CHOICE) are not given by the paper.
+CITATIONS AND WHAT WAS CHECKED. [BASIC-abs] = the BASIC abstract (arXiv 2111.10050 v1,
+https://www.arxiv-vanity.com/papers/2111.10050/, and v3, http://www.arxiv.org/abs/2111.10050):
+batch 65536, 6.6B image-text pairs, "largest model has 3B weights", the CLIP/ALIGN contrastive
+framework, and (v1) online gradient caching / (v3) gradient checkpointing + model parallelism
+against the memory limit. [CoAtNet] = Dai et al. 2021 (arXiv 2106.04803) for the image tower
+sizes; its stage specs for CoAtNet-0..5 agree with timm's paper configs (timm/models/maxxvit.py).
+(UNVERIFIED) marks numbers quoted from memory of the body of the BASIC paper (its model-size
+table and training details): the body was not reachable with the look-up tools of this
+repository's development (only the abstract and the first section of the stored copies), so
+they are neither confirmed nor corrected; check them against the paper. Third-party notes on
+the paper also name the "AdaFactorW" optimiser and rematerialisation:
+https://michal.io/notes/ml/papers/2023-04-14---Combined-Scaling-for-Zero-shot-Transfer-Learning
+(CHOICE) marks what is ours.
 
-DATA. `data.source='tfrecord'` (img2dataset-style shards) is what the data issue adds; until it
-lands `basic.config_lib.validate` rejects this config (only 'synthetic' exists), so tests build the
-full model from `config.model` with `jax.eval_shape` only.
+DATA. `data.source='tfrecord'`: img2dataset-style shards ('jpg', 'txt') at
+`data.tfrecord_pattern` (configs/common.py `paper_data`); set it and `tokenizer.model_path` to
+your bucket. Tests build the full model from `config.model` with `jax.eval_shape` only.
 
 PLANNED FOR A POD (CHOICE, not measured): a TPU v4-1024 slice (512 chips) or v5p-1024:
 - mesh: `data=-1` (128) x `model=4`: tensor parallelism over 4 chips (heads, MLP and MBConv
@@ -32,45 +41,45 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False)
   config = common.base_config()
 
-  config.batch_size = 65536        # BASIC Sec. 1 / abstract: contrastive batch size 65536.
+  config.batch_size = 65536        # [BASIC-abs]: contrastive batch size 65536.
   config.microbatch_size = 8192    # (CHOICE) K = 8 microbatches on the pod above.
-  config.loss = 'softmax'          # BASIC Sec. 3: the CLIP/ALIGN contrastive (InfoNCE) loss.
+  config.loss = 'softmax'          # [BASIC-abs]: the CLIP/ALIGN contrastive (InfoNCE) loss.
   config.loss_chunk_size = 1024    # (CHOICE) memory of the loss, see above.
-  config.total_steps = 500_000     # (UNVERIFIED) BASIC Sec. 7 training details.
+  config.total_steps = 500_000     # (UNVERIFIED) BASIC training details.
   config.log_every_steps = 100
   config.eval_every_steps = 10_000
   config.checkpoint_every_steps = 2_000
   config.keep_checkpoints = 3
 
   common.paper_data(config,
-                    image_size=224,   # (UNVERIFIED) BASIC Sec. 7: pre-training resolution 224.
-                    text_length=64)   # (UNVERIFIED) BASIC Sec. 7: 64 tokens, as ALIGN.
+                    image_size=224,   # (UNVERIFIED) BASIC: pre-training resolution 224.
+                    text_length=64)   # (UNVERIFIED) BASIC: 64 tokens, as ALIGN.
 
-  config.model.embed_dim = 1024        # (CHOICE) the paper does not state it here.
+  config.model.embed_dim = 1024        # (CHOICE) not in the parts of the paper checked.
   config.model.dtype = 'bfloat16'      # (CHOICE) bf16 activations on TPU, f32 parameters.
   config.model.temperature_init = 0.07  # (CHOICE) CLIP's init; BASIC learns the temperature.
   config.model.temperature_min = 0.01
 
   config.model.image = ml_collections.ConfigDict()
   config.model.image.name = 'coatnet'
-  config.model.image.variant = 'coatnet-7'  # BASIC Table (model sizes): CoAtNet-7 image tower.
+  config.model.image.variant = 'coatnet-7'  # (UNVERIFIED) BASIC model-size table: CoAtNet-7.
   config.model.image.drop_path = 0.0        # (CHOICE) no stochastic depth for 6.6B pairs.
-  config.model.image.remat = 'full'         # BASIC Sec. 4: rematerialisation of activations.
+  config.model.image.remat = 'full'         # [BASIC-abs] v3: gradient checkpointing.
 
   config.model.text = ml_collections.ConfigDict()
   config.model.text.name = 'transformer'
-  config.model.text.vocab_size = 32_000  # (UNVERIFIED) BASIC Sec. 7: 32K SentencePiece vocab.
-  config.model.text.width = 2048         # (UNVERIFIED) BASIC Table (model sizes): hidden 2048,
+  config.model.text.vocab_size = 32_000  # (UNVERIFIED) BASIC: 32K SentencePiece vocabulary.
+  config.model.text.width = 2048         # (UNVERIFIED) BASIC model-size table: hidden 2048,
   config.model.text.depth = 12           # 12 layers,
   config.model.text.num_heads = 16       # 16 heads: 670M text parameters.
   config.model.text.mlp_dim = 8192       # (CHOICE) the usual 4 x width.
   config.model.text.causal = False       # (CHOICE) bidirectional, as ALIGN's BERT.
   config.model.text.pool = 'mean'        # (CHOICE) mean over non-padding tokens.
   config.model.text.dropout = 0.0
-  config.model.text.remat = 'full'       # BASIC Sec. 4: rematerialisation.
+  config.model.text.remat = 'full'       # [BASIC-abs] v3: gradient checkpointing.
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'adafactorw'   # BASIC Sec. 7: AdaFactor with decoupled weight decay.
+  config.optimizer.name = 'adafactorw'   # (UNVERIFIED) BASIC: AdaFactor + decoupled weight decay.
   config.optimizer.learning_rate = 1e-3  # (UNVERIFIED) peak learning rate.
   config.optimizer.warmup_steps = 10_000  # (UNVERIFIED) linear warmup,
   config.optimizer.schedule = 'cosine'   # then cosine decay (UNVERIFIED)

@@ -28,10 +28,21 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
-  config.keep_checkpoints = 2
+  config.keep_checkpoints = 2              # the last K checkpoints ...
+  config.keep_checkpoint_every_steps = 0   # ... plus every multiple of M steps forever (0: none).
+  # A NaN/inf loss or gradient norm: 'stop' (raise, naming the step and the last good
+  # checkpoint) or 'skip' (leave params and optimiser state unchanged; counted in metrics).
+  config.on_nonfinite = 'stop'
+  config.debug_nan_at_step = 0             # > 0: make that update non-finite (tests the guard).
 
+  # Input pipeline (basic/data/pipeline.py). Your own data: --config.data.source=tfrecord
+  # --config.data.tfrecord_pattern='/data/shards/*.tfrecord' (img2dataset's schema, or
+  # `python -m basic.data.write_tfrecords`), or --config.data.source=tfds
+  # --config.data.tfds_name=NAME --config.data.data_dir=DIR, plus a tokenizer
+  # (python -m basic.tokenizer train --config=...).
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'synthetic'
+  config.data.source = 'synthetic'         # 'synthetic' | 'tfds' | 'tfrecord'
+  # Training resolution and caption length (CLIPA-style reduced values are just smaller ones).
   config.data.image_size = 32
   config.data.text_length = 16
   # Per-channel normalisation applied on device to uint8 images (x / 255 - mean) / std.
@@ -41,7 +52,35 @@ def get_config(arg=None):
   config.data.synthetic.seed = 0
   config.data.synthetic.num_heldout = 10   # colour x shape combinations kept out of training.
   config.data.synthetic.eval_per_class = 50
-  config.data.prefetch = 2
+  # TFDS source: a prepared data set by name ('name', 'name/config', 'name:1.0.0'), its split
+  # (slices allowed, 'train[:90%]') and the data dir ('' = TFDS's default; may be gs://).
+  config.data.tfds_name = ''
+  config.data.tfds_split = 'train'
+  config.data.data_dir = ''
+  # TFRecord source: a glob or comma-separated globs of tf.train.Example shards (may be gs://).
+  config.data.tfrecord_pattern = ''
+  # Feature names of the image bytes and the caption(s); '' = the source's default: 'jpg' and
+  # 'txt' (img2dataset) for tfrecord, 'image' and 'caption' for tfds. A text feature holding a
+  # list of captions (COCO: text_key='captions/text') gives one caption per example per epoch.
+  config.data.image_key = ''
+  config.data.text_key = ''
+  # tfds / tfrecord stream: shuffling and augmentation are drawn from this seed.
+  config.data.seed = 0
+  config.data.shuffle_buffer = 10_000      # records; 0 = no record shuffling (files still are).
+  config.data.cycle_length = 16            # files read at a time (interleaved record by record).
+  config.data.cache = False                # keep this host's raw records in memory (small data).
+  config.data.threads = 2                  # tf.data worker threads; 0 = all CPU cores.
+  config.data.prefetch = 2                 # batches prepared ahead.
+  config.data.resize_method = 'bilinear'   # 'bilinear' | 'bicubic' | 'area' | 'lanczos3' | ...
+  config.data.antialias = True
+  # Training augmentation of tfds / tfrecord images (basic/data/preprocess.py).
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.crop_scale = (0.9, 1.0)     # random resized crop: area fraction (OpenCLIP).
+  config.data.augment.crop_ratio = (3 / 4, 4 / 3)  # ... and aspect ratio w / h.
+  config.data.augment.flip = False                 # captions may say left / right.
+  config.data.augment.erasing_prob = 0.0           # random erasing (uint8 noise), e.g. 0.25.
+  config.data.augment.erasing_scale = (0.02, 1 / 3)  # ... area fraction of the rectangle,
+  config.data.augment.erasing_ratio = (0.3, 3.3)     # ... its aspect ratio h / w.
 
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.kind = 'sentencepiece'
@@ -117,4 +156,10 @@ def get_config(arg=None):
 
   config.eval = ml_collections.ConfigDict()
   config.eval.zeroshot = True
+  # Named TFDS evaluation tasks (basic/evaluate/tasks.py), metrics 'NAME/top1', ..., e.g.
+  #   config.eval.tasks.imagenet = tasks.zeroshot_task(data_dir='gs://BUCKET/tfds')
+  #   config.eval.tasks.coco = tasks.retrieval_task(split='test', data_dir='gs://BUCKET/tfds')
+  # with `from basic.evaluate import tasks`; tasks.imagenet_suite(data_dir) gives ImageNet and
+  # its distribution shifts (v2, A, R, Sketch) and CIFAR-10/100.
+  config.eval.tasks = ml_collections.ConfigDict()
   return config

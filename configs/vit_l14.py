@@ -7,7 +7,7 @@ Language Supervision"): a CLIP-compatible dual encoder, ~427.6M parameters.
 models; Table 20: ViT hyper-parameters). Differences from CLIP's module: no `ln_pre` LayerNorm
 before the image Transformer (2 x 1024 parameters fewer), attention biases as flax's
 MultiHeadDotProductAttention (same count as CLIP's in_proj/out_proj biases). Data as in
-basic_*.py: `data.source='tfrecord'` waits for the data issue (validation rejects it until then).
+basic_*.py: `data.source='tfrecord'`, img2dataset-style shards at `data.tfrecord_pattern`.
 Pod (CHOICE, not measured): TPU v4-512, mesh data=-1 x model=2, microbatch 8192 (K = 4),
 remat 'full', FSDP for parameters of >= 2^18 elements.
 """

@@ -42,7 +42,7 @@ def test_batch_shapes_and_dtypes(tokenizer):
   config = _tiny_config()
   batch = next(pipeline.make_train_iterator(config, tokenizer))
   size, length = config.data.image_size, config.data.text_length
-  assert set(batch) == {'image', 'text'}
+  assert set(batch) == {'image', 'text', 'position', 'dropped'}
   assert batch['image'].shape == (config.batch_size, size, size, 3)
   assert batch['image'].dtype == np.uint8
   assert batch['text'].shape == (config.batch_size, length)
@@ -64,13 +64,19 @@ def test_deterministic_and_resumable(tokenizer):
   config = _small_config()
   fresh = _take(pipeline.make_train_iterator(config, tokenizer), 5)
   again = _take(pipeline.make_train_iterator(config, tokenizer), 5)
-  resumed = _take(pipeline.make_train_iterator(config, tokenizer, start_step=3), 2)
+  # Synthetic streams resume by step; start_position is ignored.
+  resumed = _take(pipeline.make_train_iterator(config, tokenizer, start_step=3,
+                                               start_position=12345), 2)
   for a, b in zip(fresh, again):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['text'], b['text'])
   for step, batch in zip((3, 4), resumed):
     np.testing.assert_array_equal(batch['image'], fresh[step]['image'])
     np.testing.assert_array_equal(batch['text'], fresh[step]['text'])
+  # position = examples of this host's stream through the batch; nothing is ever dropped.
+  assert [int(b['position']) for b in fresh] == [16, 32, 48, 64, 80]
+  assert [int(b['position']) for b in resumed] == [64, 80]
+  assert all(int(b['dropped']) == 0 and b['position'].dtype == np.int64 for b in fresh)
 
 
 def test_hosts_slices_concatenate_to_the_global_batch(tokenizer):
@@ -83,17 +89,30 @@ def test_hosts_slices_concatenate_to_the_global_batch(tokenizer):
     for key in ('image', 'text'):
       np.testing.assert_array_equal(
           np.concatenate([hosts[0][step][key], hosts[1][step][key]]), whole[step][key])
+    assert int(hosts[1][step]['position']) == (7 + step + 1) * 8
 
 
 def test_bad_arguments_raise(tokenizer):
+  assert pipeline.SOURCES == ('synthetic', 'tfds', 'tfrecord')
   config = _small_config()
-  config.data.source = 'tfds'
+  config.data.source = 'laion'
   with pytest.raises(ValueError, match='data.source'):
     pipeline.make_train_iterator(config, tokenizer)
-  with pytest.raises(ValueError, match='data.source'):
+  config.data.source = 'tfds'
+  with pytest.raises(ValueError, match=r'config\.data\.tfds_name'):
+    pipeline.make_train_iterator(config, tokenizer)
+  with pytest.raises(ValueError, match='data.source'):   # Zero-shot over TFDS: not here yet.
     pipeline.make_zeroshot_data(config)
   with pytest.raises(ValueError, match='process_count'):
     pipeline.make_train_iterator(_small_config(batch_size=10), tokenizer, process_count=3)
+  with pytest.raises(ValueError, match='start_position'):
+    pipeline.make_train_iterator(_small_config(), tokenizer, start_position=-1)
+
+
+def test_caption_stream_synthetic():
+  config = _small_config()
+  expected = synthetic.ShapesDataset.from_config(config.data).captions(7)
+  assert list(pipeline.caption_stream(config, 7)) == expected
 
 
 def test_zeroshot_data(tokenizer):

@@ -1,0 +1,326 @@
+"""Checkpoints that survive pods: retention, self-description, corrupt steps, kill -9 at random
+moments (also mid-save), non-finite guard, soups, and gs:// against a local GCS emulator."""
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from basic import checkpoint as checkpoint_lib
+from basic import metric_writers
+from basic import optim
+from basic import sharding
+from basic import soup
+from basic import train
+from basic.models import DualEncoder
+from tests.test_train import small_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+
+
+def _template(config):
+  model = DualEncoder(config)
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  return state
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  """A finished 6-step run with checkpoints at steps 3 and 6."""
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  config = small_config()
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def test_keeps_last_k_plus_every_mth_step(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), max_to_keep=2, keep_period=4)
+  config = small_config()
+  for step in range(1, 11):
+    ckpt.save(step, {'w': jnp.full((3,), step, jnp.float32)}, config)
+  ckpt.wait()
+  assert ckpt.all_steps() == [4, 8, 9, 10]
+  assert float(ckpt.restore(None, 8)['w'][0]) == 8.0
+  ckpt.close()
+
+
+def test_checkpoint_describes_itself(trained_run):
+  config, workdir = trained_run
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  assert ckpt.all_steps() == [3, 6]
+  assert ckpt.restore_config(6).to_dict() == json.loads(json.dumps(config.to_dict(),
+                                                                   default=list))
+  with open(os.path.join(workdir, 'tokenizer', 'spm.model'), 'rb') as f:
+    assert ckpt.restore_tokenizer(6) == f.read()
+  data = ckpt.restore_data(6)
+  assert data['process_count'] == 1 and data['dropped'] == [0] and data['positions'][0] > 0
+  base = np.asarray(jax.random.key_data(jax.random.key(config.seed + 1)))
+  assert data['rng'] == base.tolist()
+  # One step directory alone is enough: find_step_dir maps it to (checkpoints dir, step).
+  assert checkpoint_lib.find_step_dir(os.path.join(workdir, 'checkpoints', '3')) == (
+      os.path.join(workdir, 'checkpoints'), 3)
+  assert checkpoint_lib.find_step_dir(workdir) == (os.path.join(workdir, 'checkpoints'), None)
+
+
+def test_corrupt_latest_checkpoint_is_skipped_and_run_stays_exact(trained_run, tmp_path):
+  """Step 6's array files are truncated after commit: the rerun warns, moves step 6 aside,
+  resumes from step 3 and ends with exactly the parameters the intact step 6 had."""
+  config, workdir = trained_run
+  copy = str(tmp_path / 'run')
+  shutil.copytree(workdir, copy)
+  template = _template(config)
+  intact = checkpoint_lib.Checkpointer(os.path.join(copy, 'checkpoints'), read_only=True)
+  want = intact.restore(template, 6).params
+  truncated = 0
+  for path in glob.glob(os.path.join(copy, 'checkpoints', '6', 'state', '**', 'd', '*'),
+                        recursive=True):
+    with open(path, 'rb') as f:
+      data = f.read()
+    with open(path, 'wb') as f:
+      f.write(data[:len(data) // 2])
+    truncated += 1
+  assert truncated
+  train.train_and_evaluate(config, copy)
+  moved = os.listdir(os.path.join(copy, 'checkpoints', checkpoint_lib.CORRUPT_DIR))
+  assert len(moved) == 1 and moved[0].startswith('6-')
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(copy, 'checkpoints'), read_only=True)
+  assert ckpt.all_steps() == [3, 6]
+  _assert_trees_close(ckpt.restore(template, 6).params, want)
+  rows = metric_writers.read_jsonl(os.path.join(copy, 'metrics.jsonl'))
+  assert [r['step'] for r in rows if 'train/loss' in r] == [2, 4, 6]   # one history.
+
+
+def test_uniform_soup_is_the_average(trained_run, tmp_path):
+  config, workdir = trained_run
+  steps = os.path.join(workdir, 'checkpoints')
+  result = soup.make_soup([os.path.join(steps, '3'), os.path.join(steps, '6')],
+                          str(tmp_path / 'soup'))
+  assert result['step'] == 6 and len(result['used']) == 2
+  ckpt = checkpoint_lib.Checkpointer(steps, read_only=True)
+  p3, p6 = ckpt.restore_params(3), ckpt.restore_params(6)
+  out = checkpoint_lib.Checkpointer(str(tmp_path / 'soup'), read_only=True)
+  mixed = out.restore_params()
+  expected = jax.tree.map(
+      lambda a, b: ((np.asarray(a, np.float64) + np.asarray(b, np.float64)) / 2), p3, p6)
+  _assert_trees_close(mixed, expected, rtol=1e-7, atol=1e-8)
+  assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4
+             for a, b in zip(_leaves(p3), _leaves(p6)))   # not a soup of equals.
+  assert out.restore_tokenizer() == ckpt.restore_tokenizer(6)
+  assert out.restore_config().model.embed_dim == config.model.embed_dim
+
+
+def test_greedy_soup_keeps_only_ingredients_that_help():
+  trees = [{'w': np.array([0.0, 0.0])}, {'w': np.array([2.0, 2.0])},
+           {'w': np.array([1.0, 1.0])}, {'w': np.array([9.0, -9.0])}]
+  target = np.array([1.5, 1.5])
+  metric = lambda t: -float(np.abs(t['w'] - target).sum())
+  params, used = soup.greedy(trees, metric)
+  # Best alone: [2,2] (1.0 away) then [1,1] (avg [1.5,1.5]: exact) accepted; [0,0] -> avg
+  # [1,1] worse: rejected; [9,-9] rejected.
+  assert used == [1, 2]
+  np.testing.assert_allclose(params['w'], target)
+
+
+def test_nan_at_step_stops_naming_step_and_last_checkpoint(tmp_path):
+  config = small_config(total_steps=8, checkpoint_every_steps=2, eval_every_steps=8,
+                        debug_nan_at_step=5)
+  config.eval.zeroshot = False
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'at step 5; the last good checkpoint is step 4 in '):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+
+
+def test_nan_at_step_is_skipped_and_counted(tmp_path):
+  config = small_config(total_steps=6, log_every_steps=1, checkpoint_every_steps=1,
+                        keep_checkpoints=10, eval_every_steps=6, debug_nan_at_step=5,
+                        on_nonfinite='skip')
+  config.eval.zeroshot = False
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  rows = {r['step']: r for r in metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))}
+  assert [rows[s]['train/nonfinite_skipped'] for s in range(1, 7)] == [0, 0, 0, 0, 1, 1]
+  assert np.isnan(rows[5]['train/loss']) and np.isfinite(rows[6]['train/loss'])
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
+  template = _template(config)
+  s4, s5, s6 = (ckpt.restore(template, s) for s in (4, 5, 6))
+  _assert_trees_close(s5.params, s4.params, rtol=0, atol=0)          # update 5 skipped ...
+  _assert_trees_close(s5.opt_state, s4.opt_state, rtol=0, atol=0)
+  assert int(s5.step) == 5                                            # ... the step counted,
+  assert max(np.abs(a - b).max() for a, b in zip(_leaves(s6.params), _leaves(s5.params))) > 0
+  assert ckpt.restore_data(6)['nonfinite_skipped'] == 1               # and saved for resume.
+
+
+# --- kill -9 and resume, in subprocesses. --------------------------------------------------------
+
+KILL_FLAGS = ['--config=configs/tiny.py', '--config.batch_size=32', '--config.microbatch_size=16',
+              '--config.total_steps=12', '--config.log_every_steps=1',
+              '--config.checkpoint_every_steps=2', '--config.eval_every_steps=12',
+              '--config.data.synthetic.eval_per_class=2', '--config.tokenizer.train_sentences=2000']
+
+
+def _train_cmd(workdir, *extra):
+  return [sys.executable, '-m', 'basic.train', f'--workdir={workdir}', *KILL_FLAGS, *extra]
+
+
+def _losses(workdir):
+  rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+def _tmp_dirs(ckpt_dir):
+  return glob.glob(os.path.join(ckpt_dir, '*orbax-checkpoint-tmp*'))
+
+
+def _kill_once(workdir, mode, rng):
+  """Starts the run and SIGKILLs it: 'random' = at a random moment once it trains, 'save' =
+  as soon as an uncommitted (in-flight) checkpoint directory appears. -> True if killed."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  before = len(_losses(workdir)) if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) else 0
+  proc = subprocess.Popen(_train_cmd(workdir), cwd=REPO, env=SUBPROCESS_ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  delay = rng.uniform(0.0, 1.0)
+  trained_at = None
+  while time.time() < deadline and proc.poll() is None:
+    if trained_at is None and os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+      if len(_losses(workdir)) > before:
+        trained_at = time.time()
+    if trained_at is not None:
+      if mode == 'save' and _tmp_dirs(ckpt_dir):
+        break
+      if mode == 'random' and time.time() - trained_at >= delay:
+        break
+    time.sleep(0.005)
+  if proc.poll() is not None:
+    return False
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return True
+
+
+def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+  """Two kill -9s (one at a random moment, one while a checkpoint is being written), each
+  followed by the same command: the loss of every step and the final parameters equal an uninterrupted
+  run's (<= 1e-6 relative), and no half-written checkpoint is left behind."""
+  straight = str(tmp_path / 'straight')
+  subprocess.run(_train_cmd(straight), cwd=REPO, env=SUBPROCESS_ENV, check=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  killed = str(tmp_path / 'killed')
+  rng = random.Random(0)
+  kills = [_kill_once(killed, mode, rng) for mode in ('random', 'save')]
+  assert all(kills), kills
+  subprocess.run(_train_cmd(killed), cwd=REPO, env=SUBPROCESS_ENV, check=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  want, got = _losses(straight), _losses(killed)
+  assert sorted(got) == list(range(1, 13)) == sorted(want)
+  np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)],
+                             rtol=1e-6)
+  assert not _tmp_dirs(os.path.join(killed, 'checkpoints'))
+  config = small_config(total_steps=12)
+  template = _template(config)
+  a = checkpoint_lib.Checkpointer(os.path.join(killed, 'checkpoints'), read_only=True)
+  b = checkpoint_lib.Checkpointer(os.path.join(straight, 'checkpoints'), read_only=True)
+  _assert_trees_close(a.restore(template, 12), b.restore(template, 12))
+
+
+# --- gs:// against a local GCS emulator. --------------------------------------------------------
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture
+def gcs_emulator():
+  """A GCS emulator on 127.0.0.1 with bucket 'basic-test'; yields the env that points every
+  storage client at it (see README, 'Checkpoints on GCS')."""
+  pytest.importorskip('gcp_storage_emulator')
+  port = _free_port()
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, 'tests', 'gcs_emulator.py'), str(port), 'basic-test'],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 30
+  while True:
+    try:
+      socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
+      break
+    except OSError:
+      if time.time() > deadline or proc.poll() is not None:
+        proc.kill()
+        pytest.fail('the GCS emulator did not start')
+      time.sleep(0.1)
+  url = f'http://127.0.0.1:{port}'
+  yield dict(SUBPROCESS_ENV, EPATH_USE_TF='false', STORAGE_EMULATOR_HOST=url,
+             TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING='x',
+             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
+  proc.terminate()
+  proc.wait(timeout=10)
+
+
+_READ_BACK = r'''
+import json, sys
+from basic import checkpoint, metric_writers
+path = sys.argv[1]
+directory, step = checkpoint.find_step_dir(path)
+ckpt = checkpoint.Checkpointer(directory, read_only=True)
+step = ckpt.latest_step()
+params = ckpt.restore_params(step)
+print(json.dumps({
+    'directory': directory, 'step': step, 'steps': ckpt.all_steps(),
+    'temperature': float(params['log_temperature']),
+    'tokenizer_bytes': len(ckpt.restore_tokenizer(step)),
+    'embed_dim': ckpt.restore_config(step).model.embed_dim,
+    'positions': ckpt.restore_data(step)['positions'],
+    'logged': [r['step'] for r in metric_writers.read_jsonl(path + '/metrics.jsonl')
+               if 'train/loss' in r]}))
+'''
+
+
+def test_gcs_train_resume_and_discover_latest_from_another_process(gcs_emulator, tmp_path):
+  workdir = 'gs://basic-test/runs/tiny'
+  flags = ['--config.total_steps=4', '--config.log_every_steps=2',
+           '--config.checkpoint_every_steps=2', '--config.eval_every_steps=4',
+           f'--tensorboard_dir={tmp_path / "tb"}']
+  run = lambda *extra: subprocess.run(
+      _train_cmd(workdir, *flags, *extra), cwd=REPO, env=gcs_emulator, check=True,
+      capture_output=True, text=True)
+  run()
+  read = lambda: json.loads(subprocess.run(
+      [sys.executable, '-c', _READ_BACK, workdir], cwd=REPO, env=gcs_emulator, check=True,
+      capture_output=True, text=True).stdout.strip().splitlines()[-1])
+  first = read()   # A fresh process, as on a new VM: finds the latest step on its own.
+  assert first['directory'] == workdir + '/checkpoints'
+  assert first['step'] == 4 and first['steps'] == [2, 4] and first['embed_dim'] == 64
+  assert first['tokenizer_bytes'] > 1000 and first['positions'][0] > 0
+  assert first['logged'] == [2, 4]
+  assert glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*'))
+  run('--config.total_steps=6')   # Resumes from gs://.../checkpoints/4.
+  second = read()
+  assert second['step'] == 6 and second['logged'] == [2, 4, 6]
+  assert second['temperature'] != first['temperature']

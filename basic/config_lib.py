@@ -146,6 +146,8 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   _int(config, 'keep_checkpoint_every_steps', 0)
   _choice(config, 'on_nonfinite', ('stop', 'skip'))
   _int(config, 'debug_nan_at_step', 0)
+  if not isinstance(_get(config, 'init_from'), str):
+    _fail('init_from', config.init_from, 'must be a path (str); empty for none.')
   _int(config, 'seed', 0)
 
   _choice(config, 'data.source', pipeline.SOURCES)

@@ -36,6 +36,7 @@ from basic.data import pipeline
 from basic.data import tf_setup
 from basic.evaluate import zeroshot
 from basic.models import DualEncoder
+from basic.models import posemb
 from basic.models import temperature_from_params
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -215,6 +216,20 @@ class PreemptionWatch:
     return self.requested
 
 
+def params_from_checkpoint(path: str, params):
+  """The parameters of the checkpoint at `path` (a workdir, checkpoints dir or step dir, local or
+  gs://), adapted to the structure, shapes and shardings of `params` (basic.models.posemb:
+  position embeddings are resized to a new grid or text length)."""
+  directory, step = checkpoint_lib.find_step_dir(path)
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'config.init_from={path!r}: no checkpoint there.')
+  loaded = posemb.adapt_params(ckpt.restore_params(step), params)
+  ckpt.close()
+  return jax.tree.map(lambda x, p: jax.device_put(x, p.sharding), loaded, params)
+
+
 def _data_state(position, dropped, skipped, rng) -> dict:
   """The JSON saved with a checkpoint: per-host stream positions / drop counts, skips, rng."""
   rows = checkpoint_lib.gather_host_values([position, dropped])   # [process_count, 2]
@@ -280,6 +295,9 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
   if last_good is not None:
     data_state = ckpt.restore_data(last_good)
     logging.info('Resumed from checkpoint step %d in %s.', last_good, ckpt.directory)
+  elif config.init_from:
+    state = state.replace(params=params_from_checkpoint(config.init_from, state.params))
+    logging.info('Initialised the parameters from %s.', config.init_from)
   position, dropped, skipped, rng = _resume_data(data_state, config)
   start_step = int(state.step)
 

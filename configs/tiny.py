@@ -34,6 +34,9 @@ def get_config(arg=None):
   # checkpoint) or 'skip' (leave params and optimiser state unchanged; counted in metrics).
   config.on_nonfinite = 'stop'
   config.debug_nan_at_step = 0             # > 0: make that update non-finite (tests the guard).
+  # A checkpoint (workdir, checkpoints dir or step dir; local or gs://) whose parameters start a
+  # new run (the next stage of a recipe, fine-tuning); ignored when the workdir has checkpoints.
+  config.init_from = ''
 
   # Input pipeline (basic/data/pipeline.py). Your own data: --config.data.source=tfrecord
   # --config.data.tfrecord_pattern='/data/shards/*.tfrecord' (img2dataset's schema, or

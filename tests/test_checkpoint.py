@@ -324,3 +324,22 @@ def test_gcs_train_resume_and_discover_latest_from_another_process(gcs_emulator,
   second = read()
   assert second['step'] == 6 and second['logged'] == [2, 4, 6]
   assert second['temperature'] != first['temperature']
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoint(trained_run, tmp_path):
+  config, workdir = trained_run
+  trained = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                        read_only=True).restore_params(6)
+  stage2 = small_config(total_steps=1, eval_every_steps=1, init_from=workdir)
+  stage2.optimizer.learning_rate = 1e-20   # one step that moves nothing measurably.
+  stage2.eval.zeroshot = False
+  train.train_and_evaluate(stage2, str(tmp_path / 'stage2'))
+  after = checkpoint_lib.Checkpointer(str(tmp_path / 'stage2' / 'checkpoints'),
+                                      read_only=True).restore_params(1)
+  _assert_trees_close(after, trained, rtol=1e-6, atol=1e-8)
+  fresh = _template(stage2).params
+  assert max(np.abs(a - b).max() for a, b in zip(_leaves(fresh), _leaves(trained))) > 1e-4
+  # A model the checkpoint does not fit fails naming the parameter.
+  other = small_config(total_steps=1, init_from=workdir, **{'model.embed_dim': 32})
+  with pytest.raises(ValueError, match=r'image_proj/kernel has shape \(96, 64\)'):
+    train.train_and_evaluate(other, str(tmp_path / 'other'))

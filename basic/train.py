@@ -34,7 +34,7 @@ from basic import sharding
 from basic import tokenizer as tokenizer_lib
 from basic.data import pipeline
 from basic.data import tf_setup
-from basic.evaluate import zeroshot
+from basic.evaluate import run as evaluate_run
 from basic.models import DualEncoder
 from basic.models import posemb
 from basic.models import temperature_from_params
@@ -311,17 +311,13 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
   train_iter = pipeline.make_train_iterator(
       config, tokenizer, start_step=start_step, process_index=jax.process_index(),
       process_count=num_processes, start_position=position)
-  zeroshot_data = pipeline.make_zeroshot_data(config) if config.eval.zeroshot else None
+  evaluator = evaluate_run.Evaluator(config, model, mesh)   # Fails now if its data is missing.
 
   def run_eval(step):
-    if zeroshot_data is None:
-      return {}
-    results = zeroshot.evaluate(model, state.params, tokenizer, zeroshot_data,
-                                batch_size=config.microbatch_size)
-    writer.write_scalars(step, results)
-    logging.info('Zero-shot at step %d: top1=%.4f top5=%.4f (%d classes, %d images)', step,
-                 results['zeroshot/top1'], results['zeroshot/top5'],
-                 int(results['zeroshot/num_classes']), int(results['zeroshot/num_images']))
+    """The config's evaluators (synthetic zero-shot, config.eval.tasks) on the current state."""
+    results = evaluator(state.params, tokenizer, step=step)
+    if results:
+      writer.write_scalars(step, results)
     return results
 
   def check_finite(pending):

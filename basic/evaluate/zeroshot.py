@@ -2,12 +2,19 @@
 
 Per class, the template embeddings are averaged and re-normalised (CLIP's prompt ensembling);
 images are classified by cosine similarity against all classes.
+
+`evaluate` scores in-memory data (the synthetic held-out split); `evaluate_task` scores a TFDS
+data set named by a config task (config.eval.tasks, kind='zeroshot'), with its class names,
+templates and an optional class subset (ImageNet-A / -R), on the devices of a mesh.
 """
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from basic.evaluate import datasets
+from basic.evaluate import metadata
 
 def _batched(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
   """Applies fn to fixed-size batches (the last one padded) so fn compiles once."""
@@ -59,3 +66,136 @@ def evaluate(model, params, tokenizer, data: dict, batch_size: int) -> dict:
   return {'zeroshot/top1': acc[1], 'zeroshot/top5': acc[5],
           'zeroshot/num_classes': float(len(data['class_names'])),
           'zeroshot/num_images': float(len(data['labels']))}
+
+
+# --- Zero-shot classification of a TFDS data set (config.eval.tasks, kind='zeroshot'). ----------
+#
+# Top-k rule: an image is correct at k if fewer than k other allowed classes rank above its label,
+# where class c ranks above the label if its logit is larger, or equal with c < label (ties go to
+# the lower class index, as numpy.argmax and CLIP's argmax evaluation resolve them; it matters
+# for duplicate names, e.g. ImageNet's two "missile" and two "sunglasses" classes). With a
+# `subset`, only its classes are allowed (the other logits are masked out); an image whose label
+# is outside the subset counts as wrong.
+
+
+def topk_hits(logits, labels, allowed, ks: Sequence[int]):
+  """Top-k correctness under the rule above (jax.numpy or numpy arrays).
+
+  Args:
+    logits: float [n, C].
+    labels: int [n], in [0, C).
+    allowed: bool [C], the classes that may be predicted.
+    ks: the k values.
+
+  Returns:
+    {k: bool [n]}.
+  """
+  xp = jnp if isinstance(logits, jax.Array) else np
+  index = xp.arange(logits.shape[1])[None, :]
+  own = xp.take_along_axis(logits, labels[:, None], axis=1)                       # [n, 1]
+  above = (logits > own) | ((logits == own) & (index < labels[:, None]))          # [n, C]
+  rank = xp.sum(above & allowed[None, :], axis=1)                                 # [n]
+  ok = allowed[labels]
+  return {k: ok & (rank < k) for k in ks}
+
+
+def make_score_fn(encoders, ks: Sequence[int]):
+  """-> jitted score(params, images [B, S, S, 3], labels [B], valid [B], distinct_emb [C', d],
+  class_index [C], allowed [C]) -> {'top{k}': int32 hits, 'count': int32 valid rows} over the
+  global batch (replicated).
+
+  Class c's embedding is distinct_emb[class_index[c]]: classes with identical embeddings (the
+  same name) share one column of the image x class product, so their logits tie exactly.
+  """
+  model = encoders.model
+
+  def score(params, images, labels, valid, distinct_emb, class_index, allowed):
+    emb = model.apply({'params': params}, images, method='encode_image').astype(jnp.float32)
+    logits = (emb @ distinct_emb.T)[:, class_index]                               # [B, C]
+    hits = topk_hits(logits, labels, allowed, ks)
+    out = {f'top{k}': jnp.sum(hit & valid, dtype=jnp.int32) for k, hit in hits.items()}
+    out['count'] = jnp.sum(valid, dtype=jnp.int32)
+    return out
+  return encoders.jit(score)
+
+
+def tfds_class_names(label_feature) -> tuple[str, ...]:
+  """A ClassLabel's names as prompts read them: underscores as spaces."""
+  return tuple(name.replace('_', ' ') for name in label_feature.names)
+
+
+def evaluate_task(task_name: str, task, encoders, params, tokenizer, config,
+                  score_fn=None) -> dict[str, float]:
+  """Zero-shot top-k accuracy of a TFDS task (see basic/evaluate/tasks.py for its fields).
+
+  The class embeddings (per class, the template embeddings averaged and re-normalised) are
+  computed once, then kept on the devices replicated over the mesh while every image batch is
+  scored there; only the hit counts come back.
+
+  Args:
+    task_name: the task's name in config.eval.tasks (metric prefix).
+    task: its ConfigDict.
+    encoders: `basic.evaluate.encoders.Encoders` of the model, batch size task.batch_size.
+    params: the model parameters.
+    tokenizer: `basic.tokenizer.Tokenizer`.
+    config: the experiment config (data.image_size, resize_method, antialias, threads).
+    score_fn: `make_score_fn(encoders, task.ks)` (pass one to reuse its compilation).
+
+  Returns:
+    {'NAME/top{k}': accuracy for k in task.ks, 'NAME/num_images': images scored (all hosts),
+    'NAME/num_classes': classes allowed}.
+  """
+  field = lambda name: datasets.field_name(task_name, name)
+  builder = datasets.builder(task, task_name)
+  datasets.check_image(builder, task, task_name)
+  label_feature = datasets.class_label(builder, task, task_name)
+  if task.class_names:
+    names = metadata.class_names(task.class_names, field('class_names'))
+  else:
+    names = tfds_class_names(label_feature)
+  if len(names) != label_feature.num_classes:
+    raise ValueError(f'{field("class_names")}={task.class_names!r}: {len(names)} names, but '
+                     f'{field("label_key")}={task.label_key!r} of TFDS {builder.info.full_name} '
+                     f'has {label_feature.num_classes} classes.')
+  templates = metadata.templates(task.templates, field('templates'))
+  subset = metadata.subset(task.subset, len(names), field('subset'))
+  allowed = np.zeros(len(names), bool)
+  allowed[list(subset) if subset is not None else slice(None)] = True
+
+  prompts = [t.format(c) for c in names for t in templates]
+  emb = encoders.same_texts(params, tokenizer.encode(prompts))
+  emb = emb.reshape(len(names), len(templates), -1).mean(axis=1)
+  distinct, class_index = np.unique(emb / np.linalg.norm(emb, axis=-1, keepdims=True), axis=0,
+                                    return_inverse=True)
+  class_emb = (encoders.replicate(distinct), encoders.replicate(class_index.reshape(-1)))
+  allowed_device = encoders.replicate(allowed)
+
+  split, counts = datasets.host_split(builder, task, task_name, jax.process_index(),
+                                      jax.process_count())
+  ds = datasets.examples(builder, split, task.image_key, config.data.image_size,
+                         extra={'label': task.label_key},
+                         resize_method=config.data.get('resize_method', 'bilinear'),
+                         antialias=config.data.get('antialias', True),
+                         threads=config.data.get('threads', 0))
+  local = encoders.local_batch
+  batches = ds.batch(local).prefetch(2).as_numpy_iterator()
+  score_fn = score_fn or make_score_fn(encoders, tuple(task.ks))
+  size = config.data.image_size
+  hits = {k: 0 for k in task.ks}
+  num_images = 0
+  for _ in range(-(-max(counts) // local)):    # The same number of steps on every host.
+    batch = next(batches, None)
+    if batch is None:
+      batch = {'image': np.zeros((0, size, size, 3), np.uint8), 'label': np.zeros(0, np.int64)}
+    n = len(batch['label'])
+    valid = np.arange(local) < n
+    labels = np.asarray(batch['label'], np.int32)
+    out = score_fn(params, encoders.put(batch['image']), encoders.put(labels),
+                   encoders.put(valid), *class_emb, allowed_device)
+    for k in task.ks:
+      hits[k] += int(out[f'top{k}'])
+    num_images += int(out['count'])
+  results = {f'{task_name}/top{k}': hits[k] / max(num_images, 1) for k in task.ks}
+  results[f'{task_name}/num_images'] = float(num_images)
+  results[f'{task_name}/num_classes'] = float(allowed.sum())
+  return results

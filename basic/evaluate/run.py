@@ -1,0 +1,151 @@
+"""Runs the evaluators a config lists: the built-in synthetic zero-shot and config.eval.tasks.
+
+  results = run_evaluators(config, model, params, tokenizer, step=step)
+  # {'zeroshot/top1': ..., 'imagenet/top1': ..., 'coco/i2t_recall@1': ..., ...}
+
+`config.eval.zeroshot` (bool) runs the held-out zero-shot evaluation of the synthetic data set
+(basic/data/synthetic.py, metrics 'zeroshot/*'); every entry NAME of `config.eval.tasks` runs a
+TFDS task (basic/evaluate/tasks.py; metrics 'NAME/*'). During training, keep one `Evaluator` so
+that its jitted functions compile once.
+"""
+import sys
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding
+
+from basic import config_lib
+from basic import inference
+from basic import metric_writers
+from basic import sharding
+from basic import tokenizer as tokenizer_lib
+from basic.data import pipeline
+from basic.data import tf_setup
+from basic.evaluate import encoders as encoders_lib
+from basic.evaluate import retrieval
+from basic.evaluate import zeroshot
+from basic.models import DualEncoder
+
+# create_writer(start_step=S) drops rows of steps > S from an existing metrics.jsonl (resume);
+# evaluation keeps every row.
+_KEEP_ALL_ROWS = sys.maxsize
+
+
+def _tasks(config) -> dict:
+  tasks = config.eval.get('tasks', None)
+  return dict(tasks.items()) if tasks else {}
+
+
+class Evaluator:
+  """The evaluators of a config for one model; call it with the current parameters.
+
+  Args:
+    config: the experiment config (eval.zeroshot, eval.tasks, data.*, microbatch_size).
+    model: the `DualEncoder`.
+    mesh: the device mesh the parameters live on (default: `sharding.make_mesh(config.mesh)`).
+      Evaluation batches are sharded over its 'data' axis; class embeddings are replicated.
+  """
+
+  def __init__(self, config, model, mesh=None):
+    self.config, self.model = config, model
+    self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
+    # The synthetic held-out data, made up front: a source without it fails here, before training.
+    self._synthetic = (pipeline.make_zeroshot_data(config) if config.eval.get('zeroshot', False)
+                       else None)
+    self._encoders = {}       # batch size -> Encoders
+    self._score_fns = {}      # (batch size, ks) -> jitted zero-shot scorer
+
+  def _batch_size(self, task) -> int:
+    return task.get('batch_size', 0) or self.config.microbatch_size
+
+  def encoders(self, batch_size: int) -> encoders_lib.Encoders:
+    if batch_size not in self._encoders:
+      self._encoders[batch_size] = encoders_lib.Encoders(self.model, self.mesh, batch_size)
+    return self._encoders[batch_size]
+
+  def place(self, params):
+    """`params` on the mesh: as they are if already there (training), else sharded by
+    config.sharding (e.g. parameters restored on one device)."""
+    devices = set(self.mesh.devices.flat)
+    leaves = jax.tree.leaves(params)
+    if all(isinstance(x, jax.Array) and set(x.sharding.device_set) == devices for x in leaves):
+      return params
+    specs = sharding.sharding_config_specs(params, self.mesh, self.config.get('sharding'))
+    return jax.device_put(params, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs))
+
+  def __call__(self, params, tokenizer, *, step: Optional[int] = None) -> dict[str, float]:
+    """-> {metric name: value} of every evaluator of the config (same on every host)."""
+    results = {}
+    params = self.place(params)
+    if self._synthetic is not None:
+      start = time.perf_counter()
+      out = zeroshot.evaluate(self.model, params, tokenizer, self._synthetic,
+                              batch_size=self.config.microbatch_size)
+      _log('zeroshot', step, out, time.perf_counter() - start)
+      results.update(out)
+    for name, task in _tasks(self.config).items():
+      start = time.perf_counter()
+      encoders = self.encoders(self._batch_size(task))
+      if task.kind == 'zeroshot':
+        key = (encoders.batch_size, tuple(task.ks))
+        if key not in self._score_fns:
+          self._score_fns[key] = zeroshot.make_score_fn(encoders, tuple(task.ks))
+        out = zeroshot.evaluate_task(name, task, encoders, params, tokenizer, self.config,
+                                     score_fn=self._score_fns[key])
+      elif task.kind == 'retrieval':
+        out = retrieval.evaluate_task(name, task, encoders, params, tokenizer, self.config)
+      else:
+        raise ValueError(f'config.eval.tasks.{name}.kind={task.kind!r}: must be one of '
+                         "['zeroshot', 'retrieval'].")
+      _log(name, step, out, time.perf_counter() - start)
+      results.update(out)
+    return results
+
+
+def _log(name: str, step: Optional[int], results: dict, seconds: float):
+  if jax.process_index() == 0:
+    where = f' at step {step}' if step is not None else ''
+    values = ' '.join(f'{k.split("/", 1)[1]}={v:.4g}' for k, v in sorted(results.items()))
+    logging.info('Evaluation %s%s (%.1f s): %s', name, where, seconds, values)
+
+
+def run_evaluators(config, model, params, tokenizer, *, step: Optional[int] = None,
+                   mesh=None) -> dict[str, float]:
+  """Runs the synthetic zero-shot evaluation (if config.eval.zeroshot) and every task of
+  config.eval.tasks once; -> {metric name: value}. See `Evaluator` to evaluate repeatedly."""
+  return Evaluator(config, model, mesh)(params, tokenizer, step=step)
+
+
+def evaluate_checkpoint(checkpoint: str, *, config=None, workdir: Optional[str] = None,
+                        step: Optional[int] = None,
+                        tensorboard_dir: Optional[str] = None) -> tuple[int, dict]:
+  """Evaluates one checkpoint step (`python -m basic.evaluate`); -> (step, {metric: value}).
+
+  Args:
+    checkpoint: a run's workdir, checkpoints directory or step directory (local or gs://).
+    config: the experiment config listing the evaluators (default: the checkpoint's own); its
+      model must match the checkpoint's. The tokenizer is always the checkpoint's.
+    workdir: if given, the results are appended to its metrics.jsonl (existing rows kept) and
+      TensorBoard events at the checkpoint's step (process 0 writes).
+    step: the step (default: the latest, or the step directory's).
+    tensorboard_dir: TensorBoard event files (default: workdir).
+  """
+  tf_setup.configure_tensorflow()
+  loaded = inference.load(checkpoint, step=step)
+  config = config if config is not None else loaded.config
+  mesh = sharding.make_mesh(config.mesh)
+  config_lib.validate(config, num_processes=jax.process_count(),
+                      num_data_devices=mesh.shape[sharding.DATA_AXIS])
+  tokenizer = tokenizer_lib.Tokenizer.from_config(config.tokenizer, loaded.tokenizer.model_path,
+                                                  config.data.text_length)
+  results = run_evaluators(config, DualEncoder(config), loaded.params, tokenizer,
+                           step=loaded.step, mesh=mesh)
+  if workdir is not None and results:
+    writer = metric_writers.create_writer(workdir, start_step=_KEEP_ALL_ROWS,
+                                          tensorboard_dir=tensorboard_dir)
+    writer.write_scalars(loaded.step, results)
+    writer.flush()
+    writer.close()
+  return loaded.step, results

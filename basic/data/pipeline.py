@@ -46,12 +46,14 @@ import numpy as np
 from basic.data import preprocess
 from basic.data import sources
 from basic.data import synthetic
+from basic.data import text_mask
 from basic.data import tf_setup
 
 SOURCES = ('synthetic', 'tfds', 'tfrecord')  # config.data.source values; config_lib validates.
 RECORD_SOURCES = ('tfds', 'tfrecord')
 # Stream ids of the stateless per-example randomness (sources.py uses 1 and 2).
 _AUGMENT, _CAPTION = 3, 4
+_TEXT_MASK = 5   # Stream id of text masking (basic/data/text_mask.py).
 
 
 def _unsupported_source(source: str) -> ValueError:
@@ -144,6 +146,23 @@ def _decode_fn(config, host: sources.HostRecords, process_index: int, process_co
   return decode
 
 
+def _tokenize_fn(config, tokenizer, process_index: int, process_count: int):
+  """-> fn(captions [B], position) -> int32 [B, L]: text masking (config.data.text_mask), then
+  tokenisation. Masking randomness is stateless from (data seed, host, the batch's position)."""
+  tf = tf_setup.configure_tensorflow()
+  mask = config.data.get('text_mask', None)
+  kind = mask.kind if mask is not None else 'none'
+
+  def tokenize(captions, position):
+    if kind != 'none':
+      seed = _example_seed(tf, config.data.seed, _TEXT_MASK, position, process_index,
+                           process_count)
+      captions = text_mask.mask_captions(captions, kind,
+                                         mask.length or config.data.text_length, seed)
+    return tokenizer.tf_tokenize(captions)
+  return tokenize
+
+
 def _record_train(config, tokenizer, host: sources.HostRecords, *, start_step: int,
                   start_position: int, local_batch: int, process_index: int,
                   process_count: int):
@@ -172,11 +191,12 @@ def _record_train(config, tokenizer, host: sources.HostRecords, *, start_step: i
   # Drops before the resume point: its records minus the good examples of the batches before
   # (0 for a stream that starts at its beginning, whatever start_step is).
   dropped_before = max(start_position - start_step * local_batch, 0)
+  tokenize = _tokenize_fn(config, tokenizer, process_index, process_count)
 
   def finish(k, batch):
     position = batch['position'][-1] + 1
     good = (k + 1) * local_batch
-    return {'image': batch['image'], 'text': tokenizer.tf_tokenize(batch['caption']),
+    return {'image': batch['image'], 'text': tokenize(batch['caption'], position),
             'position': position,
             'dropped': dropped_before + (position - start_position) - good}
   return ds.map(sources.plain(finish), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -222,8 +242,9 @@ def make_train_iterator(config, tokenizer, *, start_step: int = 0, process_index
   host = check_source(config, process_index=process_index, process_count=process_count)
   if host is None:
     ds = _synthetic_train(config, start_step, process_index, local_batch)
+    tokenize = _tokenize_fn(config, tokenizer, process_index, process_count)
     ds = ds.map(sources.plain(lambda ex: {
-        'image': ex['image'], 'text': tokenizer.tf_tokenize(ex['caption']),
+        'image': ex['image'], 'text': tokenize(ex['caption'], ex['position']),
         'position': ex['position'], 'dropped': ex['dropped']}),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:

@@ -20,13 +20,68 @@ def _path(key_path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in key_path)
 
 
-def resize_position_embedding(table: np.ndarray, shape: tuple, name: str) -> np.ndarray:
-  """A position-embedding table of shape [1, T, D] resized to `shape` [1, T', D].
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of 1-D linear interpolation, half-pixel centres, edges clamped.
 
-  Not implemented for shapes that differ; raises naming the parameter.
+  The same sampling as torch's `F.interpolate(mode='linear', align_corners=False,
+  antialias=False)` (OpenCLIP's `resize_pos_embed` / `resize_text_pos_embed`) and
+  `jax.image.resize(method='linear', antialias=False)`.
   """
-  raise ValueError(f'{name}: position embedding of shape {tuple(table.shape)} cannot be '
-                   f'resized to {tuple(shape)}.')
+  x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+  x = np.clip(x, 0, n_in - 1)
+  lo = np.floor(x).astype(int)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = x - lo
+  w = np.zeros((n_out, n_in))
+  np.add.at(w, (np.arange(n_out), lo), 1 - frac)
+  np.add.at(w, (np.arange(n_out), hi), frac)
+  return w
+
+
+def _square_side(n: int, name: str, shape) -> int:
+  side = int(round(np.sqrt(n)))
+  if side * side != n:
+    raise ValueError(f'{name}: {n} positions of {tuple(shape)} are not a square grid; only '
+                     'square patch grids can be resized.')
+  return side
+
+
+def resize_position_embedding(table: np.ndarray, shape: tuple, name: str) -> np.ndarray:
+  """A position-embedding table [1, T, D] resized to `shape` [1, T', D] (float64 math).
+
+  Which kind of table it is comes from the parameter path `name`:
+    '.../image/...': a ViT table of a square patch grid (the ViT stores no class-token entry in
+      it: its class token is a parameter of its own), bilinearly interpolated over the 2-D grid,
+      sqrt(T) x sqrt(T) -> sqrt(T') x sqrt(T');
+    '.../text/...': a text table over caption length, linearly interpolated over length L -> L'
+      (as OpenCLIP's `resize_text_pos_embed`; a shorter target is interpolated, not truncated,
+      so its positions still span the whole caption).
+  Both sample with half-pixel centres and no antialiasing (see `_linear_weights`).
+
+  Raises:
+    ValueError naming the parameter for other shapes (another width, a non-square grid, a path
+    that names neither tower).
+  """
+  table = np.asarray(table)
+  shape = tuple(shape)
+  if table.ndim != 3 or len(shape) != 3 or table.shape[0] != 1 or shape[0] != 1 or (
+      table.shape[2] != shape[2]):
+    raise ValueError(f'{name}: position embedding of shape {tuple(table.shape)} cannot be '
+                     f'resized to {shape} (only the number of positions may differ).')
+  parts = name.split('/')
+  x = table[0].astype(np.float64)                                   # [T, D]
+  if 'text' in parts:
+    out = _linear_weights(x.shape[0], shape[1]) @ x
+  elif 'image' in parts:
+    h = _square_side(x.shape[0], name, table.shape)
+    h2 = _square_side(shape[1], name, shape)
+    w = _linear_weights(h, h2)                                       # [h2, h]
+    grid = x.reshape(h, h, -1)
+    out = np.einsum('ai,bj,ijd->abd', w, w, grid).reshape(h2 * h2, -1)
+  else:
+    raise ValueError(f'{name}: position embedding of shape {tuple(table.shape)} cannot be '
+                     f'resized to {shape}: its path names neither the image nor the text tower.')
+  return out[None].astype(table.dtype)
 
 
 def adapt_params(loaded: Any, target: Any) -> Any:

@@ -2,10 +2,69 @@
 
 [B, H, W, 3] float images -> [B, width] pooled features. The patch grid, and with it the
 learned position embedding's shape, follows the input size at init.
+
+Token reduction (FLIP, CLIPA): in training (`train=True`) the patch tokens of each example may be
+masked after the position embedding is added; only the K = round((1 - mask_ratio) * T) kept
+tokens (in their original order, plus the class token with pool='cls') enter the Transformer, so
+compute really drops. Evaluation (`train=False`) always sees every token. Masks are drawn from
+the 'dropout' rng stream (the train step's rng), so a gradient-cached step, which recomputes
+each microbatch with its own rng, sees the same mask in both of its passes and stays exact.
+Kinds (`MASK_KINDS`), all keeping exactly K tokens per example:
+  'random': K positions uniformly at random.
+  'grid':   the grid cut into `mask_cell` x `mask_cell` cells, one random position per cell
+            kept first (CLIPA's grid masking: ratio 0.75 with cells of 2 keeps one per 2x2).
+  'block':  whole `mask_cell` x `mask_cell` cells dropped in random order (an aligned-square
+            simplification of BEiT's block masking; a cell may be partly dropped to hit K).
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+MASK_KINDS = ('none', 'random', 'grid', 'block')
+
+
+def num_kept(num_tokens: int, ratio: float) -> int:
+  """K = round((1 - ratio) * T), at least 1: the patch tokens kept per example."""
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f'model.image.mask.ratio must be in [0, 1), got {ratio}.')
+  return max(1, int(np.floor((1.0 - ratio) * num_tokens + 0.5)))
+
+
+def mask_indices(rng, batch: int, grid_h: int, grid_w: int, kind: str, ratio: float,
+                 cell: int = 2) -> jnp.ndarray:
+  """Positions of the kept patch tokens: [batch, K] int32, ascending per example.
+
+  Positions index the row-major grid_h x grid_w patch grid (as the ViT's token sequence).
+  A different draw per example; a function of `rng` only.
+  """
+  t = grid_h * grid_w
+  k = num_kept(t, ratio)
+  noise = jax.random.uniform(rng, (batch, t))     # In [0, 1): ties broken at random.
+  if kind == 'random':
+    score = noise
+  elif kind in ('grid', 'block'):
+    if cell < 1:
+      raise ValueError(f'model.image.mask.cell must be >= 1, got {cell}.')
+    y, x = np.mgrid[:grid_h, :grid_w]
+    cells_w = -(-grid_w // cell)
+    cell_id = ((y // cell) * cells_w + x // cell).reshape(-1)          # [T]
+    num_cells = int(cell_id.max()) + 1
+    cell_rng = jax.random.fold_in(rng, 1)
+    if kind == 'grid':
+      # One position per cell, at a random offset, comes first (score < 1), the rest after.
+      offset = jax.random.randint(cell_rng, (batch, num_cells), 0, cell * cell)
+      local = ((y % cell) * cell + x % cell).reshape(-1)                # [T]
+      primary = offset[:, cell_id] == local[None]
+      score = noise + jnp.where(primary, 0.0, 1.0)
+    else:
+      # Cells in a random order (integer rank), positions within a cell in random order.
+      rank = jnp.argsort(jnp.argsort(jax.random.uniform(cell_rng, (batch, num_cells)), -1), -1)
+      score = rank[:, cell_id].astype(jnp.float32) + noise
+  else:
+    raise ValueError(f'Unknown model.image.mask.kind {kind!r}; one of {MASK_KINDS}.')
+  keep = jnp.argsort(score, axis=-1)[:, :k]
+  return jnp.sort(keep, axis=-1).astype(jnp.int32)
 
 from basic.models import transformer
 
@@ -34,9 +93,16 @@ class ViT(nn.Module):
   dropout: float = 0.0
   remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  mask: str = 'none'         # Training-time token masking: one of MASK_KINDS.
+  mask_ratio: float = 0.0    # Fraction of patch tokens dropped (training only).
+  mask_cell: int = 2         # Cell side in patches for 'grid' / 'block'.
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
+    """images [B, H, W, C] -> [B, width]; with train and a mask, from K of the T patch tokens.
+
+    The kept positions [B, K] are sown as intermediates 'kept' (for tests and inspection).
+    """
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                 name='embedding')(images)
@@ -50,6 +116,13 @@ class ViT(nn.Module):
     else:
       raise ValueError(f'Unknown ViT posemb {self.posemb!r}.')
     x = x + pos.astype(x.dtype)
+    if self.mask not in MASK_KINDS:
+      raise ValueError(f'Unknown model.image.mask.kind {self.mask!r}; one of {MASK_KINDS}.')
+    if train and self.mask != 'none' and self.mask_ratio > 0:
+      keep = mask_indices(self.make_rng('dropout'), b, gh, gw, self.mask, self.mask_ratio,
+                          self.mask_cell)
+      self.sow('intermediates', 'kept', keep)
+      x = jnp.take_along_axis(x, keep[..., None], axis=1)      # [B, K, D]
     if self.pool == 'cls':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)

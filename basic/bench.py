@@ -4,6 +4,7 @@ Usage:
 
   python -m basic.bench gradcache [--out=BENCHMARKS.md]
   python -m basic.bench input [--out=BENCHMARKS.md]
+  python -m basic.bench clipa [--out=BENCHMARKS.md]
 
 `gradcache` measures
   (a) the time of a gradient-cached step (K microbatches) over the time of a
@@ -23,6 +24,12 @@ core) and with all cores, from 512 x 384 JPEGs to 224 x 224 and to the tiny conf
 and from 64 x 64 JPEGs to 32 x 32; then the images/s the tiny config's train step consumes, on
 the same machine. With --out it replaces (or appends) the section `## Input pipeline` of that
 markdown file.
+
+`clipa` measures CLIPA token reduction on the tiny config's towers (configs/tiny.py), in one run:
+the image tower alone (ViT forward + backward, pairs/s) and the whole train step (pairs/s) at full
+tokens (32 px: 16 patch tokens; 16 text tokens), at half the image side (16 px: 4 tokens), with
+50% and 75% random patch masking, and with 8 text tokens. With --out it replaces (or appends) the
+section `## CLIPA token reduction` of that markdown file.
 """
 
 import json
@@ -70,6 +77,10 @@ flags.DEFINE_integer('log2_chunk_elements', 23,
 flags.DEFINE_integer('batch_size', None, 'N of a single worker step.')
 flags.DEFINE_integer('num_microbatches', None, 'K of a single worker step.')
 flags.DEFINE_integer('chunk_size', None, 'c of a single worker step.')
+
+# `clipa`.
+flags.DEFINE_integer('clipa_batch_size', 256, 'Pairs per measured step.')
+flags.DEFINE_integer('clipa_repeats', 10, 'Timed steps per case after compilation.')
 
 GIB = 2**30
 
@@ -393,13 +404,104 @@ def _write_named_section(path, title, section):
     f.write(text.rstrip('\n') + '\n')
 
 
+# --- clipa: token reduction throughput. ---------------------------------------------------------
+
+CLIPA_CASES = (  # name, image size, image mask (kind, ratio), text length.
+    ('full tokens (32 px, 16 text)', 32, ('none', 0.0), 16),
+    ('half image side (16 px: 4x fewer image tokens)', 16, ('none', 0.0), 16),
+    ('random masking 50%', 32, ('random', 0.5), 16),
+    ('random masking 75%', 32, ('random', 0.75), 16),
+    ('text 8 tokens', 32, ('none', 0.0), 8),
+)
+
+
+def _clipa_config(size, mask, length, batch_size):
+  config = tiny.get_config()
+  config.batch_size = config.microbatch_size = batch_size
+  config.data.image_size, config.data.text_length = size, length
+  config.model.image.mask.kind, config.model.image.mask.ratio = mask
+  config_lib.validate(config)
+  return config
+
+
+def _image_tower_rate(config, repeats):
+  """Pairs/s of the ViT image tower alone: forward + backward of its pooled features."""
+  from basic.models import vit  # pylint: disable=g-import-not-at-top
+  c = config.model.image
+  model = vit.ViT(patch_size=c.patch_size, width=c.width, depth=c.depth, num_heads=c.num_heads,
+                  mlp_dim=c.mlp_dim, pool=c.pool, mask=c.mask.kind, mask_ratio=c.mask.ratio)
+  n, size = config.batch_size, config.data.image_size
+  images = np.random.default_rng(0).normal(size=(n, size, size, 3)).astype(np.float32)
+  params = model.init(jax.random.key(0), images[:1])['params']
+
+  @jax.jit
+  def step(p, x, rng):
+    loss = lambda q: model.apply({'params': q}, x, train=True, rngs={'dropout': rng}).sum()
+    return jax.grad(loss)(p)
+
+  seconds = _time_steps(lambda s, b, r: step(s, b, r), params, images, jax.random.key(1),
+                        repeats)
+  return n / seconds
+
+
+def _mask_is_wired(config, model, state, batch):
+  """Whether the DualEncoder's image tower applies config.model.image.mask in training."""
+  _, out = model.apply({'params': state.params}, batch['image'][:2], batch['text'][:2],
+                       train=True, rngs={'dropout': jax.random.key(0)},
+                       mutable=['intermediates'])
+  return 'kept' in out.get('intermediates', {}).get('image', {})
+
+
+def _train_step_rate(config, repeats):
+  """Pairs/s of basic.train's whole train step, and whether the image mask was applied."""
+  model = DualEncoder(config)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  rng = np.random.default_rng(0)
+  n, size, length = config.batch_size, config.data.image_size, config.data.text_length
+  batch = {'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+           'text': rng.integers(1, config.model.text.vocab_size, (n, length), dtype=np.int32)}
+  wired = _mask_is_wired(config, model, state, batch)
+  step = jax.jit(train.make_train_step(config, model, tx, schedule))
+  return n / _time_steps(step, state, batch, jax.random.key(0), repeats), wired
+
+
+def clipa_bench(command):
+  n, repeats = FLAGS.clipa_batch_size, FLAGS.clipa_repeats
+  rows = []
+  for name, size, mask, length in CLIPA_CASES:
+    config = _clipa_config(size, mask, length, n)
+    image_rate = _image_tower_rate(config, repeats) if length == 16 else None
+    step_rate, wired = _train_step_rate(config, repeats)
+    rows.append((name, image_rate, step_rate, wired or mask[0] == 'none'))
+    print(rows[-1], flush=True)
+  base_image, base_step = rows[0][1], rows[0][2]
+  lines = ['## CLIPA token reduction', '',
+           f'`{command}` on {jax.devices()[0].platform.upper()} ({os.cpu_count()} cores), '
+           f'configs/tiny.py towers, batch {n}, median of {repeats} steps after compilation. '
+           'Image tower: ViT forward + backward alone; train step: basic.train\'s whole step '
+           '(both towers, loss, AdamW).', '',
+           '| case | image tower pairs/s | x full | train step pairs/s | x full |',
+           '| --- | ---: | ---: | ---: | ---: |']
+  for name, image_rate, step_rate, applied in rows:
+    image = (f'{image_rate:,.0f} | {image_rate / base_image:.2f}' if image_rate else '- | -')
+    note = '' if applied else ' (mask not applied by the DualEncoder: not wired yet)'
+    lines.append(f'| {name}{note} | {image} | {step_rate:,.0f} | {step_rate / base_step:.2f} |')
+  section = '\n'.join(lines) + '\n'
+  print(section)
+  if FLAGS.out:
+    _write_named_section(FLAGS.out, '## CLIPA token reduction', section)
+
+
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError('Usage: python -m basic.bench gradcache|input [--out=F]')
+    raise app.UsageError('Usage: python -m basic.bench gradcache|input|clipa [--out=F]')
   if argv[1] == 'gradcache':
     gradcache_bench('python -m basic.bench ' + ' '.join(sys.argv[1:]))
   elif argv[1] == 'input':
     input_bench('python -m basic.bench ' + ' '.join(sys.argv[1:]))
+  elif argv[1] == 'clipa':
+    clipa_bench('python -m basic.bench ' + ' '.join(sys.argv[1:]))
   elif argv[1] == 'gradcache_worker':
     worker()
   else:

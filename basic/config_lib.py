@@ -11,10 +11,12 @@ import ml_collections
 from basic import optim
 from basic.data import pipeline
 from basic.data import preprocess
+from basic.data import text_mask
 from basic.models import coatnet
 from basic.models import convnext
 from basic.models import dual_encoder
 from basic.models import transformer
+from basic.models import vit
 
 LOSSES = ('softmax', 'sigmoid')
 POOLS = {'image': ('gap', 'cls'), 'text': ('mean', 'eos', 'first', 'argmax')}
@@ -160,6 +162,7 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if min(config.data.std) <= 0:
     _fail('data.std', config.data.std, 'entries must be > 0.')
   _validate_data(config)
+  _validate_token_reduction(config)
   _validate_eval(config, num_processes, num_data_devices)
 
   _int(config, 'model.embed_dim', 1)
@@ -258,6 +261,23 @@ def _range(config, field, low, high, *, high_open=False):
   if not ok:
     _fail(field, value, f'must be a pair (lo, hi) with {low} < lo <= hi '
           f'{"<" if high_open else "<="} {high}.')
+
+
+def _validate_token_reduction(config):
+  """CLIPA token reduction: config.data.text_mask and config.model.image.mask (both optional)."""
+  if 'text_mask' in config.data:
+    _choice(config, 'data.text_mask.kind', text_mask.KINDS)
+    _int(config, 'data.text_mask.length', 0)
+  if 'mask' in config.model.image:
+    kind = _choice(config, 'model.image.mask.kind', vit.MASK_KINDS)
+    ratio = _get(config, 'model.image.mask.ratio')
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+      _fail('model.image.mask.ratio', ratio, 'must be in [0, 1).')
+    _int(config, 'model.image.mask.cell', 1)
+    if kind != 'none' and config.model.image.name != 'vit':
+      _fail('model.image.mask.kind', kind,
+            f'patch masking needs a ViT; model.image.name={config.model.image.name!r} supports '
+            "token reduction by resolution (data.image_size) only: use 'none'.")
 
 
 def _validate_data(config):

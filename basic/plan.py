@@ -16,6 +16,11 @@ shapes, and prints:
 
 The estimate is the CPU compiler's; a TPU/GPU compiler schedules differently, so treat it as a
 guide to how the shardings split the state and how big the temporaries of one step are.
+XLA:CPU does not realise the savings of rematerialisation (`config.model.*.remat`): its
+scheduler computes the recomputed activations early, so the temporaries of a remat'd step are
+about those of the same step without remat, an upper bound (BENCHMARKS.md, "ConvNeXt-XXLarge
+plan"). Large models compile slowly here; XLA_FLAGS='--xla_backend_optimization_level=0
+--xla_llvm_disable_expensive_passes=true' speeds that up and leaves the estimate unchanged.
 """
 import os
 import sys

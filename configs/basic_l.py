@@ -31,6 +31,11 @@ PLANNED FOR A POD (CHOICE, not measured): a TPU v4-1024 slice (512 chips) or v5p
 - microbatch 8192 (K = 8 gradient-cache passes): 64 images per 4-chip model group per pass;
   remat 'full' in both towers (each block recomputed in the backward pass).
 - loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss.
+MEASURED (`python -m basic.plan --devices=512`, XLA:CPU estimate; BENCHMARKS.md "BASIC-L plan"):
+170.0 GiB per device, which fits no TPU (v4 32, v5p 95, v5e 16 GiB). Most of it is the text
+tower running the whole microbatch on every device (FSDP shards the token embedding's width over
+'data' and the lookup's output inherits it); with the lookup's output constrained to
+PartitionSpec('data') the estimate is 60.5 GiB (v5p only).
 """
 import ml_collections
 

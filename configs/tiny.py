@@ -48,6 +48,12 @@ def get_config(arg=None):
   # Training resolution and caption length (CLIPA-style reduced values are just smaller ones).
   config.data.image_size = 32
   config.data.text_length = 16
+  # Text token reduction (CLIPA; basic/data/text_mask.py), before tokenisation: keep `length`
+  # words (0 = data.text_length) of each caption. kind: 'none' | 'truncate' | 'random' |
+  # 'block' | 'syntax' (an approximation: function words dropped first; see text_mask.py).
+  config.data.text_mask = ml_collections.ConfigDict()
+  config.data.text_mask.kind = 'none'
+  config.data.text_mask.length = 0
   # Per-channel normalisation applied on device to uint8 images (x / 255 - mean) / std.
   config.data.mean = (0.5, 0.5, 0.5)
   config.data.std = (0.25, 0.25, 0.25)
@@ -111,6 +117,12 @@ def get_config(arg=None):
   config.model.image.pool = 'gap'          # 'gap' | 'cls'
   config.model.image.dropout = 0.0
   config.model.image.remat = 'none'
+  # Image token reduction in training (ViT only; basic/models/vit.py): drop `ratio` of the patch
+  # tokens per example. kind: 'none' | 'random' | 'grid' | 'block' (cells of `cell` x `cell`).
+  config.model.image.mask = ml_collections.ConfigDict()
+  config.model.image.mask.kind = 'none'
+  config.model.image.mask.ratio = 0.0
+  config.model.image.mask.cell = 2
   config.model.text = ml_collections.ConfigDict()
   config.model.text.name = 'transformer'
   config.model.text.vocab_size = 256

@@ -13,25 +13,32 @@ import ml_collections
 import numpy as np
 
 from basic.models import coatnet
+from basic.models import convnext
 from basic.models import text as text_lib
+from basic.models import transformer
 from basic.models import vit
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-IMAGE_TOWERS = ('vit', 'coatnet')
+IMAGE_TOWERS = ('vit', 'coatnet', 'convnext')
 TEXT_TOWERS = ('transformer',)
 
 
 def _image_tower(cfg, dtype):
   if cfg.name == 'vit':
+    mask = cfg.get('mask', None)   # CLIPA token reduction (training only); absent = off.
     return vit.ViT(patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth,
                    num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pool=cfg.pool,
                    posemb=cfg.get('posemb', 'learn'), dropout=cfg.dropout, remat=cfg.remat,
-                   dtype=dtype, name='image')
+                   mask=mask.kind if mask else 'none', mask_ratio=mask.ratio if mask else 0.0,
+                   mask_cell=mask.cell if mask else 2, dtype=dtype, name='image')
   if cfg.name == 'coatnet':
     return coatnet.CoAtNet(**coatnet.variant_spec(cfg), drop_path=cfg.get('drop_path', 0.0),
                            remat=cfg.get('remat', 'none'), dtype=dtype, name='image')
+  if cfg.name == 'convnext':
+    return convnext.ConvNeXt(**convnext.variant_spec(cfg), drop_path=cfg.get('drop_path', 0.0),
+                             remat=cfg.get('remat', 'none'), dtype=dtype, name='image')
   raise ValueError(f'Unknown config.model.image.name {cfg.name!r}.')
 
 
@@ -40,7 +47,9 @@ def _text_tower(cfg, dtype):
     return text_lib.TextTransformer(
         vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
         mlp_dim=cfg.mlp_dim, causal=cfg.causal, pool=cfg.pool, dropout=cfg.dropout,
-        remat=cfg.remat, dtype=dtype, name='text')
+        remat=cfg.remat, dtype=dtype,
+        activation=cfg.get('activation', transformer.DEFAULT_ACTIVATION),
+        norm_eps=cfg.get('norm_eps', transformer.DEFAULT_NORM_EPS), name='text')
   raise ValueError(f'Unknown config.model.text.name {cfg.name!r}.')
 
 

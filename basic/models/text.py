@@ -12,7 +12,10 @@ class TextTransformer(nn.Module):
 
   causal: each token attends to itself and earlier tokens only (CLIP); else bidirectional.
   Padding tokens are never attended to. pool: 'mean' over non-padding tokens, 'eos' = the last
-  non-padding token (CLIP's EOT pooling when the tokenizer appends EOS), 'first' = token 0.
+  non-padding token (CLIP's EOT pooling when the tokenizer appends EOS), 'first' = token 0,
+  'argmax' = the token with the highest id (OpenAI CLIP / OpenCLIP: `text.argmax(dim=-1)`, which
+  is the EOT token because CLIP's BPE gives EOT the largest id, 49407). activation / norm_eps:
+  see `basic.models.transformer` (defaults keep the original numerics).
   """
   vocab_size: int
   width: int
@@ -24,6 +27,8 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  activation: str = transformer.DEFAULT_ACTIVATION
+  norm_eps: float = transformer.DEFAULT_NORM_EPS
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -41,7 +46,8 @@ class TextTransformer(nn.Module):
     # A row with no valid key (an all-padding caption) attends to itself to stay finite.
     mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
     x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout,
-                            self.remat, self.dtype, name='encoder')(x, mask, train=train)
+                            self.remat, self.dtype, self.activation, self.norm_eps,
+                            name='encoder')(x, mask, train=train)
     if self.pool == 'mean':
       w = valid.astype(x.dtype)[..., None]
       return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1)
@@ -50,4 +56,7 @@ class TextTransformer(nn.Module):
       return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     if self.pool == 'first':
       return x[:, 0]
+    if self.pool == 'argmax':
+      eot = jnp.argmax(tokens, axis=1)                                      # [B]
+      return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     raise ValueError(f'Unknown text pool {self.pool!r}.')

@@ -115,7 +115,9 @@ def _params_after(config, steps):
       config.tokenizer, _shared_tokenizer(config), config.data.text_length)
   batches = pipeline.make_train_iterator(config, tokenizer)
   for _ in range(steps):
-    state, _ = step(state, next(batches), jax.random.key(0))
+    batch = next(batches)
+    batch.pop('position'), batch.pop('dropped')      # stream state: the train loop's, not the step's
+    state, _ = step(state, batch, jax.random.key(0))
   return state.params
 
 

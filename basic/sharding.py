@@ -17,6 +17,23 @@ import numpy as np
 DATA_AXIS = 'data'
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Shards x's leading (batch) axis over the 'data' axis of the mesh in context, if any.
+
+  Models call this on activations whose sharding XLA would otherwise take from a parameter:
+  the token-embedding gather inherits the FSDP-sharded table's layout, which leaves the batch
+  replicated and every device running the whole microbatch through the text tower. Outside a
+  mesh context (`jax.sharding.use_abstract_mesh`, set by `basic.train.make_encode_fn`), or
+  when the batch does not divide over the data axis, x is returned unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return x
+  if x.shape[0] % mesh.shape[DATA_AXIS]:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
+
+
 def mesh_shape(mesh_config, num_devices: int):
   """Resolves -1 in `config.mesh` -> ordered (axis names, sizes) multiplying to num_devices."""
   names = tuple(mesh_config.keys())

@@ -85,11 +85,19 @@ def make_loss_fn(config, mesh=None):
   return loss_fn
 
 
-def make_encode_fn(model):
-  """-> encode_fn(params, batch, rng) -> (image_emb, text_emb), dropout drawn from rng."""
+def make_encode_fn(model, mesh=None):
+  """-> encode_fn(params, batch, rng) -> (image_emb, text_emb), dropout drawn from rng.
+
+  With a `mesh`, the model runs inside its abstract mesh, so that the towers' activation
+  constraints (`basic.sharding.constrain_batch`) shard the microbatch over the data axis.
+  """
   def encode_fn(params, batch, rng):
-    return model.apply({'params': params}, batch['image'], batch['text'], train=True,
-                       rngs={'dropout': rng})
+    if mesh is None:
+      return model.apply({'params': params}, batch['image'], batch['text'], train=True,
+                         rngs={'dropout': rng})
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return model.apply({'params': params}, batch['image'], batch['text'], train=True,
+                         rngs={'dropout': rng})
   return encode_fn
 
 
@@ -108,7 +116,8 @@ def make_train_step(config, model, tx, schedule, mesh=None):
   that guard on a real run.
   """
   num_microbatches = config.batch_size // config.microbatch_size
-  value_and_grad = gradcache.value_and_grad(make_encode_fn(model), make_loss_fn(config, mesh),
+  value_and_grad = gradcache.value_and_grad(make_encode_fn(model, mesh),
+                                            make_loss_fn(config, mesh),
                                             num_microbatches=num_microbatches,
                                             unroll=config.gradcache_unroll)
 

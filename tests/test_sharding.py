@@ -3,6 +3,7 @@
 Tests that need 8 devices run tests/mesh_worker.py in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (this process has one CPU device).
 """
+import json
 import os
 import re
 import subprocess
@@ -226,3 +227,32 @@ def test_plan_tiny_prints_param_counts_and_memory():
   assert "{'data': 8, 'model': 1} on 8 devices" in lines['mesh']
   for key in ('arguments', 'outputs', 'temporaries', 'total'):
     assert float(lines[f'memory/{key}_gib']) > 0
+
+
+_EMBEDDING_CHECK = r'''
+import json, sys
+from basic import plan, sharding
+from configs import tiny
+c = tiny.get_config()
+c.data.source = 'synthetic'
+c.sharding.fsdp, c.sharding.fsdp_min_size = True, 2**10   # The token embedding is FSDP-sharded.
+c.batch_size, c.microbatch_size = 256, 128
+c.model.text.width, c.model.text.mlp_dim, c.model.text.num_heads = 256, 1024, 4
+fixed = plan.plan(c)['memory/temporaries_gib']
+sharding.constrain_batch = lambda x: x
+print(json.dumps({'fixed': fixed, 'unconstrained': plan.plan(c)['memory/temporaries_gib']}))
+'''
+
+
+def test_text_tower_runs_its_share_of_the_batch_under_fsdp():
+  """With an FSDP-sharded token table, the text activations stay sharded over 'data'.
+
+  Without `sharding.constrain_batch` after the lookup, the gather takes the table's layout and
+  every device runs the whole microbatch (BASIC-L: 170 -> 60 GiB per device; BENCHMARKS.md).
+  Here (8 devices, text width 256) that shows as > 1.6x the XLA temporaries.
+  """
+  proc = subprocess.run([sys.executable, '-c', _EMBEDDING_CHECK], env=cpu_devices.env(8),
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['unconstrained'] > 1.6 * result['fixed'], result

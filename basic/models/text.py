@@ -2,6 +2,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from basic import sharding
 from basic.models import transformer
 
 PAD_ID = 0
@@ -36,6 +37,7 @@ class TextTransformer(nn.Module):
     valid = tokens != PAD_ID                                               # [B, L]
     x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
                  dtype=self.dtype, name='token_embedding')(tokens)
+    x = sharding.constrain_batch(x)     # Not the (FSDP-sharded) table's layout; see there.
     pos = self.param('pos_embedding', nn.initializers.normal(0.01),
                      (1, length, self.width), jnp.float32)
     x = x + pos.astype(x.dtype)

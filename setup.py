@@ -27,7 +27,15 @@ INSTALL_REQUIRES = [
     "fsspec==2026.9.0",
     "gcsfs==2026.10.1",
     "psutil==7.2.2",
+    # tokenizer.kind='clip_bpe' (basic/clip_bpe.py): OpenAI CLIP's text cleaning and regex.
+    "ftfy==6.3.1",
+    "regex==2026.11.15",
 ]
+
+# `pip install '.[convert]'`: basic.convert.open_clip (reads OpenCLIP / OpenAI CLIP weights) and
+# its tests. torchvision is open_clip_torch's dependency, pinned to match torch.
+CONVERT_REQUIRES = ["torch==2.14.1", "torchvision==0.29.1", "open_clip_torch==3.3.0",
+                    "safetensors==0.8.0"]
 
 setuptools.setup(
     name="basic",
@@ -38,5 +46,6 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.2.0", "gcp-storage-emulator==2026.7.19", "nbclient==0.11.0",
-                             "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"]},
+                             "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2"],
+                    "convert": CONVERT_REQUIRES},
 )

@@ -6,8 +6,10 @@ A checkpoint step directory `{directory}/{step}` holds four items, so that it de
   config     the experiment config (JSON);
   data       where the input stream stands: per-host record positions and drop counts, and the
              base rng (JSON), so a resumed run sees the same data and randomness;
-  tokenizer  the SentencePiece model the run tokenises with (base64 in JSON), so inference and
-             continued training need nothing but the checkpoint.
+  tokenizer  the tokenizer's kind and model file the run tokenises with (base64 in JSON: the
+             SentencePiece model, or CLIP's BPE merges file), so inference and continued
+             training need nothing but the checkpoint. Checkpoints without a kind hold
+             SentencePiece.
 
 Saves are asynchronous and atomic: orbax writes into a temporary directory and commits it at the
 end, so a save interrupted by `kill -9` leaves no step that `latest_step` would report; the
@@ -33,6 +35,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 ITEMS = ('state', 'config', 'data', 'tokenizer')
+# The JSON key of the tokenizer item holding the model file, per tokenizer kind.
+TOKENIZER_KEYS = {'sentencepiece': 'sentencepiece_model_base64',
+                  'clip_bpe': 'clip_bpe_merges_base64'}
 CORRUPT_DIR = 'corrupt'
 
 
@@ -91,7 +96,8 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, config: ml_collections.ConfigDict, *,
-           data: Optional[dict] = None, tokenizer_model: Optional[bytes] = None) -> bool:
+           data: Optional[dict] = None, tokenizer_model: Optional[bytes] = None,
+           tokenizer_kind: str = 'sentencepiece') -> bool:
     """Starts saving `state` at `step` (returns at once when async; `wait` to block).
 
     Args:
@@ -99,15 +105,19 @@ class Checkpointer:
       state: a pytree of (possibly sharded) jax.Arrays.
       config: the experiment config.
       data: JSON-able input-stream state (see module docstring).
-      tokenizer_model: the serialized SentencePiece model.
+      tokenizer_model: the tokenizer's model file (`serialized_model`).
+      tokenizer_kind: its kind, a key of TOKENIZER_KEYS.
     """
+    if tokenizer_kind not in TOKENIZER_KEYS:
+      raise ValueError(f'Unknown tokenizer kind {tokenizer_kind!r}; one of '
+                       f'{sorted(TOKENIZER_KEYS)}.')
+    encoded = base64.b64encode(tokenizer_model).decode('ascii') if tokenizer_model else ''
     items = dict(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(_config_dict(config)),
         data=ocp.args.JsonSave(data or {}),
         tokenizer=ocp.args.JsonSave(
-            {'sentencepiece_model_base64':
-             base64.b64encode(tokenizer_model).decode('ascii') if tokenizer_model else ''}))
+            {'kind': tokenizer_kind, TOKENIZER_KEYS[tokenizer_kind]: encoded}))
     return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, template, step: Optional[int] = None):
@@ -171,9 +181,18 @@ class Checkpointer:
     return self._restore_json('data', step) or {}
 
   def restore_tokenizer(self, step: Optional[int] = None) -> Optional[bytes]:
-    """The SentencePiece model saved with `step`, or None if the checkpoint has none."""
-    encoded = (self._restore_json('tokenizer', step) or {}).get('sentencepiece_model_base64')
+    """The tokenizer model file saved with `step` (of `restore_tokenizer_kind`), or None if the
+    checkpoint has none."""
+    item = self._restore_json('tokenizer', step) or {}
+    encoded = item.get(TOKENIZER_KEYS.get(item.get('kind', 'sentencepiece'), ''))
     return base64.b64decode(encoded) if encoded else None
+
+  def restore_tokenizer_kind(self, step: Optional[int] = None) -> Optional[str]:
+    """The kind of the tokenizer saved with `step` ('sentencepiece' for checkpoints written
+    before kinds were saved), or None if the checkpoint has no tokenizer."""
+    item = self._restore_json('tokenizer', step) or {}
+    kind = item.get('kind', 'sentencepiece')
+    return kind if item.get(TOKENIZER_KEYS.get(kind, '')) else None
 
   def _restore_json(self, item: str, step: Optional[int]):
     step = self._step(step)

@@ -9,6 +9,7 @@ import re
 import ml_collections
 
 from basic import optim
+from basic import tokenizer as tokenizer_lib
 from basic.data import pipeline
 from basic.data import preprocess
 from basic.data import text_mask
@@ -194,13 +195,21 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
     if not 0 <= dropout < 1:
       _fail(f'model.{tower}.dropout', dropout, 'must be in [0, 1).')
   _int(config, 'model.text.vocab_size', 8)
-  # Optional text-tower fields (absent = the defaults of basic.models.transformer).
-  if 'activation' in config.model.text:
-    _choice(config, 'model.text.activation', tuple(transformer.ACTIVATIONS))
-  if 'norm_eps' in config.model.text:
-    _positive(config, 'model.text.norm_eps')
+  # Optional Transformer fields (absent = the defaults of basic.models.transformer, vit, text).
+  for tower in ('image', 'text') if image_tower == 'vit' else ('text',):
+    if 'activation' in config.model[tower]:
+      _choice(config, f'model.{tower}.activation', tuple(transformer.ACTIVATIONS))
+    if 'norm_eps' in config.model[tower]:
+      _positive(config, f'model.{tower}.norm_eps')
+  optional_bools = ['model.text.mask_padding']
+  if image_tower == 'vit':
+    optional_bools += ['model.image.ln_pre', 'model.image.patch_bias']
+  for field in optional_bools:
+    tower, name = field.split('.')[1:]
+    if name in config.model[tower] and not isinstance(_get(config, field), bool):
+      _fail(field, _get(config, field), 'must be True or False.')
 
-  _choice(config, 'tokenizer.kind', ('sentencepiece',))
+  _choice(config, 'tokenizer.kind', tokenizer_lib.KINDS)
 
   if _choice(config, 'optimizer.name', optim.OPTIMIZERS) == 'adafactorw':
     if not isinstance(_get(config, 'optimizer.factored'), bool):

@@ -6,7 +6,8 @@
 `load` reads everything from the checkpoint itself (its config, tokenizer and parameters; see
 basic/checkpoint.py), so the same preprocessing as in training applies: images are resized
 (shorter side) and centre-cropped to config.data.image_size, then normalised on device with
-config.data.mean / std; texts are tokenised with the run's SentencePiece model.
+config.data.mean / std; texts are tokenised with the run's tokenizer (SentencePiece, or CLIP's BPE
+for converted OpenCLIP / OpenAI weights, see basic/convert/open_clip.py).
 """
 import tempfile
 from typing import Optional, Sequence
@@ -48,7 +49,7 @@ class Model:
   Attributes:
     config: the run's experiment config.
     params: the parameters (host or device arrays).
-    tokenizer: `basic.tokenizer.Tokenizer`.
+    tokenizer: `basic.tokenizer.Tokenizer` or `basic.clip_bpe.ClipBpeTokenizer`.
     step: the checkpoint step.
     batch_size: images / texts encoded per call of the compiled encoders.
   """
@@ -135,10 +136,14 @@ def load(path: str, step: Optional[int] = None, batch_size: int = 64) -> Model:
   if model_bytes is None:
     raise FileNotFoundError(f'Checkpoint {directory}/{step} holds no tokenizer (written by an '
                             'older version); set config.tokenizer.model_path and retrain.')
-  with tempfile.NamedTemporaryFile(suffix='.model', delete=False) as f:
+  kind = ckpt.restore_tokenizer_kind(step)
+  if kind != config.tokenizer.get('kind', 'sentencepiece'):
+    raise ValueError(f'Checkpoint {directory}/{step} holds a {kind} tokenizer, but its config '
+                     f'says tokenizer.kind={config.tokenizer.get("kind")!r}.')
+  with tempfile.NamedTemporaryFile(suffix='-' + tokenizer_lib.MODEL_FILENAMES[kind],
+                                   delete=False) as f:
     f.write(model_bytes)
-  tokenizer = tokenizer_lib.Tokenizer.from_config(config.tokenizer, f.name,
-                                                  config.data.text_length)
+  tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, f.name, config.data.text_length)
   params = ckpt.restore_params(step)
   ckpt.close()
   return Model(config, params, tokenizer, step=step, batch_size=batch_size)

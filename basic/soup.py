@@ -69,7 +69,8 @@ class Ingredient:
 
 
 def zeroshot_metric(config, tokenizer_model: bytes) -> Callable[[dict], float]:
-  """params -> zero-shot top-1 on the held-out split of `config`'s data."""
+  """params -> zero-shot top-1 on the held-out split of `config`'s data (`tokenizer_model`: the
+  model file of config.tokenizer.kind)."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from basic import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from basic.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -77,8 +78,7 @@ def zeroshot_metric(config, tokenizer_model: bytes) -> Callable[[dict], float]:
   from basic.models import DualEncoder  # pylint: disable=g-import-not-at-top
   with tempfile.NamedTemporaryFile(suffix='.model', delete=False) as f:
     f.write(tokenizer_model)
-  tokenizer = tokenizer_lib.Tokenizer.from_config(config.tokenizer, f.name,
-                                                  config.data.text_length)
+  tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, f.name, config.data.text_length)
   model, data = DualEncoder(config), pipeline.make_zeroshot_data(config)
   return lambda params: zeroshot.evaluate(model, params, tokenizer, data,
                                           config.microbatch_size)['zeroshot/top1']
@@ -99,6 +99,7 @@ def make_soup(paths: Sequence[str], output: str, method: str = 'uniform',
   first = ingredients[0].checkpointer
   config = first.restore_config(ingredients[0].step)
   tokenizer_model = first.restore_tokenizer(ingredients[0].step)
+  tokenizer_kind = first.restore_tokenizer_kind(ingredients[0].step) or 'sentencepiece'
   trees = [x.params for x in ingredients]
   if method == 'uniform':
     params, used = average(trees), list(range(len(trees)))
@@ -112,7 +113,7 @@ def make_soup(paths: Sequence[str], output: str, method: str = 'uniform',
   out = checkpoint_lib.Checkpointer(output, async_save=False)
   out.save(step, {'params': params}, config,
            data={'soup': [f'{ingredients[i].path}@{ingredients[i].step}' for i in used]},
-           tokenizer_model=tokenizer_model)
+           tokenizer_model=tokenizer_model, tokenizer_kind=tokenizer_kind)
   out.wait()
   out.close()
   return {'step': step, 'used': [paths[i] for i in used], 'path': out.directory}

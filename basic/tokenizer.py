@@ -1,4 +1,10 @@
-"""SentencePiece tokenizer: training from captions, and in-graph tokenisation with tensorflow-text.
+"""Tokenizers: SentencePiece (training from captions, in-graph tokenisation with tensorflow-text)
+and, for converted OpenAI / OpenCLIP weights, CLIP's byte-level BPE (basic/clip_bpe.py).
+
+`config.tokenizer.kind` picks one (`KINDS`); `make_tokenizer(config.tokenizer, model_path,
+length)` builds it. Both give fixed-length int32 ids [B, length] from `encode` (host) and
+`tf_tokenize` (inside tf.data), and carry their model file's bytes (`serialized_model`), which
+every checkpoint stores. The rest of this docstring is about SentencePiece.
 
 Ids: 0 = <pad>, 1 = <unk>, 2 = <s> (BOS), 3 = </s> (EOS). A tokenised caption is
 [BOS?] pieces... [EOS?] followed by pad (0) up to `length`; a caption that is too long is cut so
@@ -33,6 +39,10 @@ PAD_ID = 0
 UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
+
+KINDS = ('sentencepiece', 'clip_bpe')
+# The model file of each kind, as cached in a workdir ({workdir}/tokenizer/NAME).
+MODEL_FILENAMES = {'sentencepiece': 'spm.model', 'clip_bpe': 'bpe_simple_vocab_16e6.txt.gz'}
 
 
 def train(sentences: Iterable[str], vocab_size: int, output: str, *, lowercase: bool = True,
@@ -91,6 +101,7 @@ class Tokenizer:
     pad_id, bos_id, eos_id: the special ids (0, 2, 3).
   """
 
+  kind = 'sentencepiece'
   pad_id = PAD_ID
   bos_id = BOS_ID
   eos_id = EOS_ID
@@ -159,29 +170,79 @@ class Tokenizer:
     return texts
 
 
-def ensure_tokenizer(config, workdir: str) -> str:
-  """The path of the SentencePiece model for `config`, training (and caching) one if needed.
+def make_tokenizer(tokenizer_config, model_path: str, length: int):
+  """The tokenizer of `config.tokenizer` (its `kind`) with the model file at `model_path`.
 
-  If `config.tokenizer.model_path` is set, it is returned (it must exist; local or gs://).
-  Otherwise a model with `config.model.text.vocab_size` pieces is trained on the first
-  `config.tokenizer.train_sentences` training captions of config.data's source
-  (`basic.data.pipeline.caption_stream`) into {workdir}/tokenizer/spm.model (local or gs://), or
-  reused if there. With several processes,
-  process 0 trains and writes it while the others wait for it at a barrier, then all read it.
+  -> `Tokenizer` (kind 'sentencepiece', the default when the field is absent) or
+  `basic.clip_bpe.ClipBpeTokenizer` ('clip_bpe': always lowercases and adds SOT / EOT, as
+  OpenCLIP; the fields lowercase, add_bos, add_eos do not apply).
+  """
+  kind = tokenizer_config.get('kind', 'sentencepiece')
+  if kind == 'sentencepiece':
+    return Tokenizer.from_config(tokenizer_config, model_path, length)
+  if kind == 'clip_bpe':
+    from basic import clip_bpe  # pylint: disable=g-import-not-at-top
+    return clip_bpe.ClipBpeTokenizer(model_path, length)
+  raise ValueError(f'config.tokenizer.kind={kind!r}: must be one of {list(KINDS)}.')
+
+
+def ensure_tokenizer(config, workdir: str) -> str:
+  """The path of the tokenizer model file for `config`, training (and caching) one if needed.
+
+  1. If `config.tokenizer.model_path` is set, it is returned (it must exist; local or gs://).
+  2. Else, if `config.init_from` names a checkpoint that carries a tokenizer of
+     `config.tokenizer.kind`, that tokenizer (whose ids the checkpoint's embeddings were trained
+     with) is written to {workdir}/tokenizer/{MODEL_FILENAMES[kind]} (or reused if there).
+  3. Else, for SentencePiece, a model with `config.model.text.vocab_size` pieces is trained on
+     the first `config.tokenizer.train_sentences` training captions of config.data's source
+     (`basic.data.pipeline.caption_stream`) into {workdir}/tokenizer/spm.model (local or gs://),
+     or reused if there. 'clip_bpe' is never trained: without a model it is a ConfigError.
+  With several processes, process 0 writes the file while the others wait for it at a barrier,
+  then all read it.
   """
   path = config.tokenizer.model_path
+  kind = config.tokenizer.get('kind', 'sentencepiece')
   if path:
     if not epath.Path(path).exists():
       raise FileNotFoundError(f'config.tokenizer.model_path={path!r} does not exist.')
     return path
   import jax  # pylint: disable=g-import-not-at-top
-  path = epath.Path(workdir) / 'tokenizer' / 'spm.model'
-  if jax.process_index() == 0:
+  path = epath.Path(workdir) / 'tokenizer' / MODEL_FILENAMES[kind]
+  init_from = config.get('init_from', '')
+  if init_from and jax.process_index() == 0 and not path.exists():
+    _copy_checkpoint_tokenizer(init_from, kind, path)
+  if kind == 'sentencepiece' and jax.process_index() == 0:
     _train_or_reuse_cached(config, path)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices('basic.tokenizer.ensure_tokenizer')
+  if not path.exists():
+    from basic import config_lib  # pylint: disable=g-import-not-at-top
+    raise config_lib.ConfigError(
+        f"config.tokenizer.model_path='': tokenizer.kind={kind!r} is not trained by a run; set "
+        f'it to the BPE merges file (bpe_simple_vocab_16e6.txt.gz), or set config.init_from to '
+        f'a checkpoint that carries a {kind} tokenizer.')
   return str(path)
+
+
+def _copy_checkpoint_tokenizer(init_from: str, kind: str, path: epath.Path):
+  """Writes the tokenizer of the checkpoint at `init_from` to `path` if it is of `kind`."""
+  from basic import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  directory, step = checkpoint_lib.find_step_dir(init_from)
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'config.init_from={init_from!r}: no checkpoint there.')
+  found, model = ckpt.restore_tokenizer_kind(step), ckpt.restore_tokenizer(step)
+  ckpt.close()
+  if model is None or found != kind:
+    logging.warning('config.init_from=%r carries no %s tokenizer (%s); not using it.', init_from,
+                    kind, found or 'none')
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(model)
+  logging.info('Using the %s tokenizer of %s step %d (written to %s).', kind, init_from, step,
+               path)
 
 
 def _train_or_reuse_cached(config, path: epath.Path):

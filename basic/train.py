@@ -283,8 +283,7 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
     (workdir_path / 'config.json').write_text(config_lib.to_json(config))
 
   tok_path = tokenizer_lib.ensure_tokenizer(config, workdir)
-  tokenizer = tokenizer_lib.Tokenizer.from_config(config.tokenizer, tok_path,
-                                                  config.data.text_length)
+  tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, tok_path, config.data.text_length)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise config_lib.ConfigError(
         f'config.model.text.vocab_size={config.model.text.vocab_size}: smaller than the '
@@ -349,7 +348,7 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
     nonlocal last_good
     check_finite(pending)
     ckpt.save(step, state, config, data=_data_state(position, dropped, skipped, rng),
-              tokenizer_model=tokenizer.serialized_model)
+              tokenizer_model=tokenizer.serialized_model, tokenizer_kind=tokenizer.kind)
     last_good = step
 
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,

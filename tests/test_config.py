@@ -35,6 +35,12 @@ def test_tiny_config_is_valid():
     ({'optimizer__learning_rate': -1.0}, 'config.optimizer.learning_rate'),
     ({'data__source': 'laion'}, 'config.data.source'),
     ({'mesh__model': 0}, 'config.mesh.model'),
+    ({'tokenizer__kind': 'wordpiece'}, 'config.tokenizer.kind'),
+    ({'model__image__activation': 'relu6'}, 'config.model.image.activation'),
+    ({'model__image__norm_eps': 0.0}, 'config.model.image.norm_eps'),
+    ({'model__image__ln_pre': 'yes'}, 'config.model.image.ln_pre'),
+    ({'model__image__patch_bias': 1}, 'config.model.image.patch_bias'),
+    ({'model__text__mask_padding': None}, 'config.model.text.mask_padding'),
 ])
 def test_bad_config_names_field(overrides, field):
   with pytest.raises(config_lib.ConfigError, match=field.replace('.', r'\.')):

@@ -35,6 +35,41 @@ def test_vit_cls_pool_and_sincos():
   assert model.apply({'params': params}, x).shape == (2, 16)
 
 
+def test_vit_clip_layout_ln_pre_and_no_patch_bias():
+  """CLIP's layout (basic.convert.open_clip): LayerNorm before the Transformer, no patch bias."""
+  kwargs = dict(patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32, pool='cls')
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  plain = vit.ViT(**kwargs)
+  clip = vit.ViT(**kwargs, ln_pre=True, patch_bias=False, activation='quick_gelu', norm_eps=1e-5)
+  p_plain = plain.init(jax.random.key(0), x)['params']
+  p_clip = clip.init(jax.random.key(0), x)['params']
+  assert 'bias' in p_plain['embedding'] and 'bias' not in p_clip['embedding']
+  assert 'ln_pre' not in p_plain and p_clip['ln_pre']['scale'].shape == (16,)
+  assert _count(p_clip) == _count(p_plain) - 16 + 2 * 16
+  # ln_pre normalises every token: scaling the patch embedding (and the class token and position
+  # embedding with it) leaves the output unchanged, up to the LayerNorm epsilon.
+  scaled = dict(p_clip, embedding={'kernel': 10 * p_clip['embedding']['kernel']},
+                cls=10 * p_clip['cls'], pos_embedding=10 * p_clip['pos_embedding'])
+  np.testing.assert_allclose(clip.apply({'params': scaled}, x),
+                             clip.apply({'params': p_clip}, x), rtol=1e-3, atol=1e-4)
+
+
+def test_text_mask_padding_off_attends_to_id_0():
+  """mask_padding=False (CLIP's BPE: id 0 is '!'): a 0 inside the caption is attended to; with
+  causal attention and argmax pooling, whatever follows the EOT changes nothing."""
+  kwargs = dict(vocab_size=50, width=16, depth=1, num_heads=2, mlp_dim=32, causal=True,
+                pool='argmax')
+  clip = text_lib.TextTransformer(**kwargs, mask_padding=False)
+  masked = text_lib.TextTransformer(**kwargs)
+  tokens = jnp.array([[48, 5, 0, 6, 49, 0, 0]], jnp.int32)   # SOT, 'a', '!', 'b', EOT, pad.
+  params = clip.init(jax.random.key(0), tokens)['params']
+  out = clip.apply({'params': params}, tokens)
+  assert not np.allclose(out, masked.apply({'params': params}, tokens), atol=1e-4)
+  after_eot = tokens.at[0, 5:].set(7)
+  np.testing.assert_allclose(clip.apply({'params': params}, after_eot), out, rtol=1e-6,
+                             atol=1e-6)
+
+
 def test_text_tower_shapes_and_padding_invariance():
   model = text_lib.TextTransformer(vocab_size=50, width=32, depth=2, num_heads=4, mlp_dim=64,
                                    pool='mean')

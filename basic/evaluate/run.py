@@ -138,8 +138,8 @@ def evaluate_checkpoint(checkpoint: str, *, config=None, workdir: Optional[str] 
   mesh = sharding.make_mesh(config.mesh)
   config_lib.validate(config, num_processes=jax.process_count(),
                       num_data_devices=mesh.shape[sharding.DATA_AXIS])
-  tokenizer = tokenizer_lib.Tokenizer.from_config(config.tokenizer, loaded.tokenizer.model_path,
-                                                  config.data.text_length)
+  tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, loaded.tokenizer.model_path,
+                                           config.data.text_length)
   results = run_evaluators(config, DualEncoder(config), loaded.params, tokenizer,
                            step=loaded.step, mesh=mesh)
   if workdir is not None and results:

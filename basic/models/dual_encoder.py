@@ -32,7 +32,11 @@ def _image_tower(cfg, dtype):
                    num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, pool=cfg.pool,
                    posemb=cfg.get('posemb', 'learn'), dropout=cfg.dropout, remat=cfg.remat,
                    mask=mask.kind if mask else 'none', mask_ratio=mask.ratio if mask else 0.0,
-                   mask_cell=mask.cell if mask else 2, dtype=dtype, name='image')
+                   mask_cell=mask.cell if mask else 2, dtype=dtype,
+                   activation=cfg.get('activation', transformer.DEFAULT_ACTIVATION),
+                   norm_eps=cfg.get('norm_eps', transformer.DEFAULT_NORM_EPS),
+                   ln_pre=cfg.get('ln_pre', False), patch_bias=cfg.get('patch_bias', True),
+                   name='image')
   if cfg.name == 'coatnet':
     return coatnet.CoAtNet(**coatnet.variant_spec(cfg), drop_path=cfg.get('drop_path', 0.0),
                            remat=cfg.get('remat', 'none'), dtype=dtype, name='image')
@@ -46,7 +50,8 @@ def _text_tower(cfg, dtype):
   if cfg.name == 'transformer':
     return text_lib.TextTransformer(
         vocab_size=cfg.vocab_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
-        mlp_dim=cfg.mlp_dim, causal=cfg.causal, pool=cfg.pool, dropout=cfg.dropout,
+        mlp_dim=cfg.mlp_dim, causal=cfg.causal, mask_padding=cfg.get('mask_padding', True),
+        pool=cfg.pool, dropout=cfg.dropout,
         remat=cfg.remat, dtype=dtype,
         activation=cfg.get('activation', transformer.DEFAULT_ACTIVATION),
         norm_eps=cfg.get('norm_eps', transformer.DEFAULT_NORM_EPS), name='text')
@@ -54,6 +59,8 @@ def _text_tower(cfg, dtype):
 
 
 def l2_normalize(x, eps=1e-6):
+  """x / max(||x||, eps) in float32 (eps only guards a zero vector; torch's F.normalize uses
+  1e-12, the same for any embedding of norm > 1e-6)."""
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 

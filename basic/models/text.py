@@ -12,11 +12,15 @@ class TextTransformer(nn.Module):
   """Token + learned position embeddings, a pre-norm Transformer, then pooling.
 
   causal: each token attends to itself and earlier tokens only (CLIP); else bidirectional.
-  Padding tokens are never attended to. pool: 'mean' over non-padding tokens, 'eos' = the last
-  non-padding token (CLIP's EOT pooling when the tokenizer appends EOS), 'first' = token 0,
-  'argmax' = the token with the highest id (OpenAI CLIP / OpenCLIP: `text.argmax(dim=-1)`, which
-  is the EOT token because CLIP's BPE gives EOT the largest id, 49407). activation / norm_eps:
-  see `basic.models.transformer` (defaults keep the original numerics).
+  mask_padding: padding tokens (id 0) are never attended to (default). OpenAI's CLIP BPE gives id
+  0 to '!', so CLIP models set it False and attend to every token as CLIP does (with causal
+  attention and 'argmax' pooling, the padding after EOT never reaches the pooled EOT token).
+  Pooling ('mean', 'eos') counts id 0 as padding either way.
+  pool: 'mean' over non-padding tokens, 'eos' = the last non-padding token (CLIP's EOT pooling
+  when the tokenizer appends EOS), 'first' = token 0, 'argmax' = the token with the highest id
+  (OpenAI CLIP / OpenCLIP: `text.argmax(dim=-1)`, which is the EOT token because CLIP's BPE gives
+  EOT the largest id, 49407). activation / norm_eps: see `basic.models.transformer` (defaults
+  keep the original numerics).
   """
   vocab_size: int
   width: int
@@ -24,6 +28,7 @@ class TextTransformer(nn.Module):
   num_heads: int
   mlp_dim: int
   causal: bool = False
+  mask_padding: bool = True
   pool: str = 'mean'
   dropout: float = 0.0
   remat: str = 'none'
@@ -42,7 +47,8 @@ class TextTransformer(nn.Module):
                      (1, length, self.width), jnp.float32)
     x = x + pos.astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, not train)
-    mask = nn.make_attention_mask(valid, valid)                            # [B, 1, L, L]
+    attend = valid if self.mask_padding else jnp.ones_like(valid)
+    mask = nn.make_attention_mask(attend, attend)                          # [B, 1, L, L]
     if self.causal:
       mask = nn.combine_masks(mask, nn.make_causal_mask(tokens))
     # A row with no valid key (an all-padding caption) attends to itself to stay finite.

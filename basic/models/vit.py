@@ -9,6 +9,14 @@ tokens (in their original order, plus the class token with pool='cls') enter the
 compute really drops. Evaluation (`train=False`) always sees every token. Masks are drawn from
 the 'dropout' rng stream (the train step's rng), so a gradient-cached step, which recomputes
 each microbatch with its own rng, sees the same mask in both of its passes and stays exact.
+
+OpenAI CLIP / OpenCLIP layout (`ln_pre=True, patch_bias=False, pool='cls'`, activation
+'quick_gelu' or 'gelu', norm_eps 1e-5): CLIP adds `positional_embedding[0]` to its class token
+and `positional_embedding[1:]` to the patches; here the class token `cls` holds
+class_embedding + positional_embedding[0] (it has no position entry of its own) and
+`pos_embedding` the patches' rows. `ln_pre` normalises every token (class token included) before
+the Transformer; CLIP's `ln_post` is the encoder's final LayerNorm (per token, so before or after
+taking the class token is the same). Defaults keep the original numerics.
 Kinds (`MASK_KINDS`), all keeping exactly K tokens per example:
   'random': K positions uniformly at random.
   'grid':   the grid cut into `mask_cell` x `mask_cell` cells, one random position per cell
@@ -20,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from basic.models import transformer
 
 MASK_KINDS = ('none', 'random', 'grid', 'block')
 
@@ -66,8 +76,6 @@ def mask_indices(rng, batch: int, grid_h: int, grid_w: int, kind: str, ratio: fl
   keep = jnp.argsort(score, axis=-1)[:, :k]
   return jnp.sort(keep, axis=-1).astype(jnp.int32)
 
-from basic.models import transformer
-
 
 def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.):
   """Fixed 2-D sin-cos position embedding (MoCo v3 / big_vision). -> [1, grid_h*grid_w, width]."""
@@ -96,6 +104,10 @@ class ViT(nn.Module):
   mask: str = 'none'         # Training-time token masking: one of MASK_KINDS.
   mask_ratio: float = 0.0    # Fraction of patch tokens dropped (training only).
   mask_cell: int = 2         # Cell side in patches for 'grid' / 'block'.
+  activation: str = transformer.DEFAULT_ACTIVATION   # MLP non-linearity (transformer.ACTIVATIONS).
+  norm_eps: float = transformer.DEFAULT_NORM_EPS     # Every LayerNorm's epsilon.
+  ln_pre: bool = False       # LayerNorm over all tokens before the Transformer (CLIP's ln_pre).
+  patch_bias: bool = True    # Bias of the patch-embedding convolution (CLIP has none).
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -104,8 +116,8 @@ class ViT(nn.Module):
     The kept positions [B, K] are sown as intermediates 'kept' (for tests and inspection).
     """
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                name='embedding')(images)
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', use_bias=self.patch_bias,
+                dtype=self.dtype, name='embedding')(images)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
     if self.posemb == 'learn':
@@ -128,7 +140,10 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
     elif self.pool != 'gap':
       raise ValueError(f'Unknown ViT pool {self.pool!r}.')
+    if self.ln_pre:
+      x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_pre')(x)
     x = nn.Dropout(self.dropout)(x, not train)
     x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout,
-                            self.remat, self.dtype, name='encoder')(x, train=train)
+                            self.remat, self.dtype, self.activation, self.norm_eps,
+                            name='encoder')(x, train=train)
     return x[:, 0] if self.pool == 'cls' else x.mean(axis=1)

@@ -1,0 +1,443 @@
+r"""Imports OpenCLIP / OpenAI CLIP ViT weights as a basic checkpoint (`pip install -e .[convert]`).
+
+  python -m basic.convert.open_clip --model=ViT-B-32 --checkpoint=open_clip_model.safetensors \
+      --output=runs/clip_b32
+
+--checkpoint: an OpenCLIP state dict (`.safetensors`, or a torch `.pt` / `.bin` / `.pth`: a bare
+state dict, an OpenCLIP training checkpoint {'state_dict': ...} with or without DDP's 'module.'
+prefix, or OpenAI's TorchScript archive such as ViT-B-32.pt). --model: the OpenCLIP model name
+(its config, `open_clip.get_model_config(NAME)`, says what shapes cannot: the activation, QuickGELU
+for '-quickgelu' names, GELU otherwise; head counts; LayerNorm eps) or the path of a JSON file in
+the same format (OpenCLIP's model_configs/*.json, or an `open_clip_config.json` with 'model_cfg').
+OpenAI's TorchScript weights always use QuickGELU; --quick_gelu overrides the config.
+--tokenizer: CLIP's BPE merges file (default: the `bpe_simple_vocab_16e6.txt.gz` OpenCLIP ships).
+
+The output directory then holds step 0 as a params-only checkpoint (basic.checkpoint, like a soup)
+with its config (configs/open_clip.py `clip_vit` of the sizes read from the state dict) and the
+tokenizer (kind 'clip_bpe') inside, so that
+
+  model = basic.inference.load('runs/clip_b32')
+  python -m basic.train --config=configs/from_checkpoint.py:path=runs/clip_b32 --workdir=...
+
+work as for a checkpoint basic trained. Parameter mapping (torch Linear weights are [out, in],
+flax kernels [in, out]):
+  visual.conv1.weight [W, 3, p, p]             -> image/embedding/kernel [p, p, 3, W] (no bias)
+  visual.class_embedding + positional_embedding[0] -> image/cls [1, 1, W]
+  visual.positional_embedding[1:]              -> image/pos_embedding [1, T, W]
+  visual.ln_pre                                -> image/ln_pre
+  *.transformer.resblocks.i.ln_1 / ln_2        -> */encoder/block{i:02d}/ln_attn / ln_mlp
+  *.attn.in_proj_weight [3W, W] (q; k; v)      -> .../attn/{query,key,value}/kernel [W, H, W/H]
+  *.attn.out_proj.weight [W, W]                -> .../attn/out/kernel [H, W/H, W]
+  *.mlp.c_fc / c_proj                          -> .../mlp/Dense_0 / Dense_1
+  visual.ln_post, ln_final                     -> image/encoder/ln_final, text/encoder/ln_final
+  visual.proj [W, E], text_projection [Wt, E]  -> image_proj/kernel, text_proj/kernel
+  token_embedding.weight, positional_embedding -> text/token_embedding, text/pos_embedding
+  logit_scale = log(1 / T)                     -> log_temperature = -logit_scale
+Every state-dict entry must be used and every parameter found, or the conversion fails naming
+the key. The temperature floor (config.model.temperature_min) is CLIP's 0.01, lowered to the
+checkpoint's temperature if that is below it, so the converted model computes the same logits.
+"""
+import json
+import os
+from typing import Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+
+from basic import checkpoint as checkpoint_lib
+from basic import tokenizer as tokenizer_lib
+from basic.models import DualEncoder
+
+# OpenCLIP's defaults for fields its model configs may leave out (open_clip/model.py
+# CLIPVisionCfg, CLIPTextCfg).
+VISION_HEAD_WIDTH = 64
+TEXT_HEADS = 8
+NORM_EPS = 1e-5
+# Model-config fields that must keep these values (anything else is a tower basic lacks).
+_VISION_FIXED = {
+    'ls_init_value': None, 'attentional_pool': False, 'pool_type': 'tok', 'act_kwargs': None,
+    'block_type': None, 'qk_norm': False, 'scaled_cosine_attn': False, 'scale_heads': False,
+    'scale_attn_inner': False, 'scale_attn': False, 'scale_fc': False, 'timm_model_name': None,
+}
+_TEXT_FIXED = {
+    'hf_tokenizer_name': None, 'tokenizer_mode': None, 'tokenizer_kwargs': None,
+    'ls_init_value': None, 'embed_cls': False, 'pool_type': 'argmax', 'proj_bias': False,
+    'proj_type': 'linear', 'act_kwargs': None, 'block_type': None, 'qk_norm': False,
+    'scaled_cosine_attn': False, 'scale_heads': False, 'scale_attn_inner': False,
+    'scale_attn': False, 'scale_fc': False, 'hf_model_name': None,
+}
+# Fields that do not change the function a converted model computes at inference.
+_VISION_FREE = ('image_size', 'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size',
+                'no_ln_pre', 'pos_embed_type', 'final_ln_after_pool', 'patch_dropout',
+                'output_tokens', 'norm_kwargs', 'attn_pooler_queries', 'attn_pooler_heads',
+                'timm_model_pretrained', 'timm_pool', 'timm_proj', 'timm_proj_bias', 'timm_drop',
+                'timm_drop_path')
+_TEXT_FREE = ('context_length', 'vocab_size', 'width', 'heads', 'layers', 'mlp_ratio', 'pad_id',
+              'eos_id', 'no_causal_mask', 'final_ln_after_pool', 'output_tokens', 'norm_kwargs',
+              'hf_model_pretrained', 'hf_proj_type', 'hf_pooler_type')
+_TOP_FREE = ('embed_dim', 'quick_gelu', 'vision_cfg', 'text_cfg', 'custom_text', 'cast_dtype',
+             'init_logit_scale')
+# Non-parameter entries of OpenAI's TorchScript state dicts (open_clip drops them too).
+_OPENAI_EXTRAS = ('input_resolution', 'context_length', 'vocab_size')
+
+
+# --- Reading. -------------------------------------------------------------------------------------
+
+
+def load_state_dict(path: str) -> tuple[dict[str, np.ndarray], bool]:
+  """A checkpoint file -> ({name: float32 array}, is OpenAI's TorchScript archive).
+
+  `.safetensors`, or torch files: a state dict, {'state_dict': ...} (OpenCLIP's training
+  checkpoints; DDP's 'module.' prefix removed) or a TorchScript archive (OpenAI's releases).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  jit = False
+  if str(path).endswith('.safetensors'):
+    from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+    state = load_file(path, device='cpu')
+  else:
+    try:
+      state = torch.load(path, map_location='cpu', weights_only=True)
+    except RuntimeError as e:
+      if 'torchscript' not in str(e).lower() and 'jit' not in str(e).lower():
+        raise
+      state, jit = torch.jit.load(path, map_location='cpu').state_dict(), True
+    if isinstance(state, torch.jit.ScriptModule):   # torch.load may dispatch to torch.jit.load.
+      state, jit = state.state_dict(), True
+    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+      state = state['state_dict']
+  if not isinstance(state, dict) or not state:
+    raise ValueError(f'{path}: holds no state dict (got {type(state).__name__}).')
+  if all(k.startswith('module.') for k in state):
+    state = {k[len('module.'):]: v for k, v in state.items()}
+  out = {}
+  for key, value in state.items():
+    if key in _OPENAI_EXTRAS or key.endswith('attn_mask'):
+      continue
+    if not isinstance(value, torch.Tensor):
+      raise ValueError(f'{path}: entry {key!r} is a {type(value).__name__}, not a tensor.')
+    out[key] = value.detach().to(torch.float32).cpu().numpy()
+  return out, jit
+
+
+def model_config(model: str) -> dict:
+  """--model -> OpenCLIP's model config dict (`embed_dim`, `vision_cfg`, `text_cfg`, ...)."""
+  if model.endswith('.json') or os.path.isfile(model):
+    with open(model, encoding='utf-8') as f:
+      cfg = json.load(f)
+    return cfg.get('model_cfg', cfg)
+  try:
+    import open_clip  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'--model={model!r}: reading an OpenCLIP model config by name needs '
+                      "open_clip_torch (pip install '.[convert]'); or pass a JSON file.") from e
+  cfg = open_clip.get_model_config(model)
+  if cfg is None:
+    raise ValueError(f'--model={model!r}: not an OpenCLIP model name (open_clip.list_models()) '
+                     'nor a JSON model config file.')
+  return cfg
+
+
+def default_tokenizer_path() -> str:
+  """The `bpe_simple_vocab_16e6.txt.gz` shipped with open_clip_torch."""
+  try:
+    from open_clip import tokenizer as open_clip_tokenizer  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('--tokenizer: give the path of bpe_simple_vocab_16e6.txt.gz, or install '
+                      "open_clip_torch (pip install '.[convert]'), which ships it.") from e
+  return open_clip_tokenizer.default_bpe()
+
+
+# --- Architecture. --------------------------------------------------------------------------------
+
+
+class _Reader:
+  """Takes entries of a state dict by name, checking shapes; remembers which were used."""
+
+  def __init__(self, state: dict[str, np.ndarray], source: str):
+    self.state, self.source, self.used = state, source, set()
+
+  def shape(self, key: str) -> tuple:
+    if key not in self.state:
+      raise ValueError(f'{self.source}: key {key!r} is missing from the state dict; not an '
+                       'OpenCLIP / OpenAI CLIP ViT.')
+    return self.state[key].shape
+
+  def take(self, key: str, shape: tuple) -> np.ndarray:
+    if self.shape(key) != tuple(shape):
+      raise ValueError(f'{self.source}: key {key!r} has shape {self.shape(key)}, expected '
+                       f'{tuple(shape)} for this architecture.')
+    self.used.add(key)
+    return self.state[key]
+
+  def count(self, prefix: str) -> int:
+    """The number of consecutive blocks `{prefix}{i}.` in the state dict."""
+    n = 0
+    while any(k.startswith(f'{prefix}{n}.') for k in self.state):
+      n += 1
+    return n
+
+
+def _check_config(cfg: dict, free, fixed, where: str):
+  for key, value in cfg.items():
+    if key in fixed:
+      if value != fixed[key] and not (fixed[key] is None and not value):
+        raise ValueError(f'OpenCLIP model config {where}{key}={value!r} is not supported: '
+                         f'basic converts {where}{key}={fixed[key]!r} only.')
+    elif key not in free:
+      raise ValueError(f'OpenCLIP model config {where}{key}={value!r} is not supported.')
+
+
+def _norm_eps(cfg: dict, where: str) -> float:
+  kwargs = dict(cfg.get('norm_kwargs') or {})
+  eps = kwargs.pop('eps', NORM_EPS)
+  if kwargs:
+    raise ValueError(f'OpenCLIP model config {where}norm_kwargs={cfg["norm_kwargs"]!r}: only '
+                     'eps is supported.')
+  return eps
+
+
+def architecture(reader: _Reader, cfg: dict, *, quick_gelu: Optional[bool] = None) -> dict:
+  """The sizes of the towers from the state dict's shapes, the rest from the model config.
+
+  Returns the keyword arguments of configs/open_clip.py `clip_vit` (without the temperature).
+  Raises ValueError naming the key or config field that does not fit a CLIP ViT, or a config
+  field whose value the state dict contradicts (a wrong --model).
+  """
+  _check_config(cfg, _TOP_FREE, {}, '')
+  vision, text = dict(cfg.get('vision_cfg') or {}), dict(cfg.get('text_cfg') or {})
+  _check_config(vision, _VISION_FREE, _VISION_FIXED, 'vision_cfg.')
+  _check_config(text, _TEXT_FREE, _TEXT_FIXED, 'text_cfg.')
+  if 'visual.proj' not in reader.state and any(k.startswith('visual.') for k in reader.state):
+    raise ValueError(f'{reader.source}: key \'visual.proj\' is missing: not a ViT image tower '
+                     '(ModifiedResNet, timm towers and attentional pooling are not supported).')
+  if 'logit_bias' in reader.state:
+    raise ValueError(f'{reader.source}: key \'logit_bias\' (a SigLIP-style model) is not '
+                     'supported.')
+  width, channels, patch, patch_w = reader.shape('visual.conv1.weight')
+  if channels != 3 or patch != patch_w:
+    raise ValueError(f"{reader.source}: key 'visual.conv1.weight' has shape "
+                     f'{reader.shape("visual.conv1.weight")}: not square RGB patches.')
+  positions = reader.shape('visual.positional_embedding')[0] - 1
+  grid = int(round(np.sqrt(positions)))
+  if grid * grid != positions:
+    raise ValueError(f"{reader.source}: key 'visual.positional_embedding' has "
+                     f'{positions} + 1 rows: not a square patch grid plus a class token.')
+  text_width = reader.shape('ln_final.weight')[0]
+  vocab_size = reader.shape('token_embedding.weight')[0]
+  arch = dict(
+      image_size=grid * patch, patch_size=patch, width=width,
+      depth=reader.count('visual.transformer.resblocks.'),
+      num_heads=width // vision.get('head_width', VISION_HEAD_WIDTH),
+      mlp_dim=reader.shape('visual.transformer.resblocks.0.mlp.c_fc.weight')[0],
+      text_width=text_width, text_depth=reader.count('transformer.resblocks.'),
+      text_num_heads=text.get('heads', TEXT_HEADS),
+      text_mlp_dim=reader.shape('transformer.resblocks.0.mlp.c_fc.weight')[0],
+      text_length=reader.shape('positional_embedding')[0], vocab_size=vocab_size,
+      embed_dim=reader.shape('visual.proj')[1],
+      activation='quick_gelu' if (cfg.get('quick_gelu', False) if quick_gelu is None
+                                  else quick_gelu) else 'gelu',
+      norm_eps=_norm_eps(vision, 'vision_cfg.'),
+      ln_pre='visual.ln_pre.weight' in reader.state,
+      causal=not text.get('no_causal_mask', False))
+  if _norm_eps(text, 'text_cfg.') != arch['norm_eps']:
+    raise ValueError('OpenCLIP model config: vision_cfg and text_cfg norm_kwargs eps differ; '
+                     'basic converts one LayerNorm eps for both towers.')
+  stated = {  # model-config field -> (value it states, the state-dict key that tells).
+      'embed_dim': (cfg.get('embed_dim'), 'visual.proj', arch['embed_dim']),
+      'vision_cfg.width': (vision.get('width'), 'visual.conv1.weight', width),
+      'vision_cfg.patch_size': (vision.get('patch_size'), 'visual.conv1.weight', patch),
+      'vision_cfg.image_size': (vision.get('image_size'), 'visual.positional_embedding',
+                                arch['image_size']),
+      'vision_cfg.layers': (vision.get('layers'), 'visual.transformer.resblocks.*',
+                            arch['depth']),
+      'text_cfg.width': (text.get('width'), 'ln_final.weight', text_width),
+      'text_cfg.layers': (text.get('layers'), 'transformer.resblocks.*', arch['text_depth']),
+      'text_cfg.context_length': (text.get('context_length'), 'positional_embedding',
+                                  arch['text_length']),
+      'text_cfg.vocab_size': (text.get('vocab_size'), 'token_embedding.weight', vocab_size),
+  }
+  for field, (value, key, found) in stated.items():
+    if value is not None and value != found:
+      raise ValueError(f'{reader.source}: key {key!r} gives {field.split(".")[-1]}={found}, but '
+                       f'the model config says {field}={value}: wrong --model?')
+  for tower, heads, w in (('vision_cfg', arch['num_heads'], width),
+                          ('text_cfg', arch['text_num_heads'], text_width)):
+    if heads < 1 or w % heads:
+      raise ValueError(f'OpenCLIP model config {tower}: {heads} heads do not divide width {w}.')
+  if vocab_size < 49408:
+    raise ValueError(f"{reader.source}: key 'token_embedding.weight' has {vocab_size} rows; "
+                     "CLIP's BPE needs 49408.")
+  return arch
+
+
+# --- Parameters. ----------------------------------------------------------------------------------
+
+
+def _layer_norm(r: _Reader, prefix: str, width: int) -> dict:
+  return {'scale': r.take(f'{prefix}.weight', (width,)), 'bias': r.take(f'{prefix}.bias', (width,))}
+
+
+def _dense(r: _Reader, prefix: str, d_in: int, d_out: int) -> dict:
+  return {'kernel': r.take(f'{prefix}.weight', (d_out, d_in)).T,
+          'bias': r.take(f'{prefix}.bias', (d_out,))}
+
+
+def _encoder(r: _Reader, prefix: str, depth: int, width: int, heads: int, mlp_dim: int,
+             final_norm: str) -> dict:
+  """OpenCLIP's `Transformer` at `prefix` ('visual.transformer') -> basic's `Encoder` params."""
+  head_dim = width // heads
+  out = {}
+  for i in range(depth):
+    p = f'{prefix}.resblocks.{i}'
+    qkv = r.take(f'{p}.attn.in_proj_weight', (3 * width, width))
+    qkv_bias = r.take(f'{p}.attn.in_proj_bias', (3 * width,))
+    attn = {name: {'kernel': qkv[j * width:(j + 1) * width].T.reshape(width, heads, head_dim),
+                   'bias': qkv_bias[j * width:(j + 1) * width].reshape(heads, head_dim)}
+            for j, name in enumerate(('query', 'key', 'value'))}
+    attn['out'] = {
+        'kernel': r.take(f'{p}.attn.out_proj.weight', (width, width)).T.reshape(
+            heads, head_dim, width),
+        'bias': r.take(f'{p}.attn.out_proj.bias', (width,))}
+    out[f'block{i:02d}'] = {
+        'ln_attn': _layer_norm(r, f'{p}.ln_1', width), 'attn': attn,
+        'ln_mlp': _layer_norm(r, f'{p}.ln_2', width),
+        'mlp': {'Dense_0': _dense(r, f'{p}.mlp.c_fc', width, mlp_dim),
+                'Dense_1': _dense(r, f'{p}.mlp.c_proj', mlp_dim, width)}}
+  out['ln_final'] = _layer_norm(r, final_norm, width)
+  return out
+
+
+def convert_params(r: _Reader, arch: dict) -> dict:
+  """The state dict -> basic's DualEncoder params (float32 numpy arrays), per the module
+  docstring's table. Every entry of the state dict must be used."""
+  w, p, e = arch['width'], arch['patch_size'], arch['embed_dim']
+  tw, length = arch['text_width'], arch['text_length']
+  grid = arch['image_size'] // p
+  pos = r.take('visual.positional_embedding', (grid * grid + 1, w))
+  image = {
+      'embedding': {'kernel': r.take('visual.conv1.weight', (w, 3, p, p)).transpose(2, 3, 1, 0)},
+      'cls': (r.take('visual.class_embedding', (w,)) + pos[0])[None, None],
+      'pos_embedding': pos[None, 1:],
+      'encoder': _encoder(r, 'visual.transformer', arch['depth'], w, arch['num_heads'],
+                          arch['mlp_dim'], 'visual.ln_post'),
+  }
+  if arch['ln_pre']:
+    image['ln_pre'] = _layer_norm(r, 'visual.ln_pre', w)
+  text = {
+      'token_embedding': {'embedding': r.take('token_embedding.weight',
+                                              (arch['vocab_size'], tw))},
+      'pos_embedding': r.take('positional_embedding', (length, tw))[None],
+      'encoder': _encoder(r, 'transformer', arch['text_depth'], tw, arch['text_num_heads'],
+                          arch['text_mlp_dim'], 'ln_final'),
+  }
+  logit_scale = r.take('logit_scale', r.shape('logit_scale'))
+  if logit_scale.size != 1:
+    raise ValueError(f"{r.source}: key 'logit_scale' has shape {logit_scale.shape}, expected a "
+                     'scalar.')
+  params = {
+      'image': image, 'text': text,
+      'image_proj': {'kernel': r.take('visual.proj', (w, e))},
+      'text_proj': {'kernel': r.take('text_projection', (tw, e))},
+      'log_temperature': -logit_scale.reshape(()),
+  }
+  unused = sorted(set(r.state) - r.used)
+  if unused:
+    raise ValueError(f'{r.source}: key {unused[0]!r} (and {len(unused) - 1} more) has no place '
+                     f'in a CLIP ViT; unsupported model. Unused: {unused[:8]}')
+  return jax.tree.map(lambda x: np.array(x, np.float32, order='C'), params)
+
+
+def _check_against_model(params: dict, config):
+  """The converted tree must be exactly the DualEncoder's (names and shapes)."""
+  size = config.data.image_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
+  tokens = jax.ShapeDtypeStruct((1, config.data.text_length), np.int32)
+  want = jax.eval_shape(DualEncoder(config).init, jax.random.key(0), images, tokens)['params']
+  flat = lambda t: {jax.tree_util.keystr(k): tuple(v.shape)
+                    for k, v in jax.tree_util.tree_leaves_with_path(t)}
+  got, want = flat(params), flat(want)
+  if got != want:
+    diff = sorted(set(got.items()) ^ set(want.items()))
+    raise AssertionError(f'Converted parameters do not match the model: {diff[:8]}')
+
+
+# --- Conversion. ----------------------------------------------------------------------------------
+
+
+def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str] = None,
+            quick_gelu: Optional[bool] = None) -> str:
+  """Converts `checkpoint` (an OpenCLIP ViT CLIP, see the module docstring) into a basic
+  checkpoint at `output` (local or gs://; step 0). Returns `output`.
+
+  Args:
+    model: OpenCLIP model name or JSON model-config path (--model).
+    checkpoint: the weights file (--checkpoint).
+    output: the directory to write (must not hold a checkpoint yet).
+    tokenizer: CLIP's BPE merges file (default: the one open_clip_torch ships).
+    quick_gelu: override the model config's activation (OpenAI's TorchScript files: True).
+  """
+  from configs import open_clip as open_clip_configs  # pylint: disable=g-import-not-at-top
+  state, jit = load_state_dict(checkpoint)
+  if jit and quick_gelu is None:
+    quick_gelu = True   # OpenAI's released weights were trained with QuickGELU.
+  if all(k.startswith(('visual.', 'text.', 'logit_')) for k in state):   # CustomTextCLIP.
+    state = {k[len('text.'):] if k.startswith('text.') else k: v for k, v in state.items()}
+  reader = _Reader(state, checkpoint)
+  arch = architecture(reader, model_config(model), quick_gelu=quick_gelu)
+  params = convert_params(reader, arch)
+  temperature = float(np.exp(params['log_temperature']))
+  tokenizer = tokenizer or default_tokenizer_path()
+  config = open_clip_configs.clip_vit(
+      **arch, temperature_min=min(1 / open_clip_configs.CLIP_LOGIT_SCALE_MAX, temperature))
+  tok = tokenizer_lib.make_tokenizer(config.tokenizer, tokenizer, config.data.text_length)
+  if tok.vocab_size > arch['vocab_size']:
+    raise ValueError(f'--tokenizer={tokenizer}: {tok.vocab_size} ids, more than the '
+                     f'{arch["vocab_size"]} rows of token_embedding.weight.')
+  _check_against_model(params, config)
+  ckpt = checkpoint_lib.Checkpointer(output, async_save=False)
+  if ckpt.latest_step() is not None:
+    raise FileExistsError(f'--output={output}: already holds a checkpoint (step '
+                          f'{ckpt.latest_step()}); give a new directory.')
+  ckpt.save(0, {'params': params}, config, tokenizer_model=tok.serialized_model,
+            tokenizer_kind=tok.kind,
+            data={'converted_from': str(checkpoint), 'open_clip_model': model})
+  ckpt.wait()
+  ckpt.close()
+  logging.info('Converted %s (%s; %s, %d + %d blocks) to %s.', checkpoint, model,
+               arch['activation'], arch['depth'], arch['text_depth'], output)
+  return output
+
+
+def _define_flags():
+  """Flags of the command line only (importing this module defines none)."""
+  flags.DEFINE_string('model', None, 'OpenCLIP model name (ViT-B-32, ViT-B-32-quickgelu, ...) '
+                      'or a JSON model-config file.')
+  flags.DEFINE_string('checkpoint', None, 'Weights: .safetensors, or torch .pt / .bin / .pth.')
+  flags.DEFINE_string('output', None, 'Directory of the basic checkpoint to write.')
+  flags.DEFINE_string('tokenizer', None, "CLIP's BPE merges file (default: the one "
+                      'open_clip_torch ships).')
+  flags.DEFINE_bool('quick_gelu', None, 'Override the model config: QuickGELU (OpenAI weights, '
+                    '-quickgelu models) or GELU (--noquick_gelu).')
+  flags.mark_flags_as_required(['model', 'checkpoint', 'output'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  options = flags.FLAGS
+  if not epath.Path(options.checkpoint).exists():
+    raise app.UsageError(f'--checkpoint={options.checkpoint}: no such file.')
+  output = convert(options.model, options.checkpoint, options.output,
+                   tokenizer=options.tokenizer, quick_gelu=options.quick_gelu)
+  print(f'Wrote {output}: basic.inference.load({output!r}); continue training with '
+        f'--config=configs/from_checkpoint.py:path={output}')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

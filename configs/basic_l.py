@@ -23,7 +23,7 @@ DATA. `data.source='tfrecord'`: img2dataset-style shards ('jpg', 'txt') at
 `data.tfrecord_pattern` (configs/common.py `paper_data`); set it and `tokenizer.model_path` to
 your bucket. Tests build the full model from `config.model` with `jax.eval_shape` only.
 
-PLANNED FOR A POD (CHOICE, not measured): a TPU v4-1024 slice (512 chips) or v5p-1024:
+PLANNED FOR A POD (CHOICE): a TPU v5p-1024 slice (512 chips, 95 GiB HBM each):
 - mesh: `data=-1` (128) x `model=4`: tensor parallelism over 4 chips (heads, MLP and MBConv
   hidden channels, vocabulary; `config.sharding.rules`), plus FSDP over 'data' for every
   parameter of >= 2^18 elements, so the 3.1B f32 parameters (12.4 GB) and the factored
@@ -32,10 +32,11 @@ PLANNED FOR A POD (CHOICE, not measured): a TPU v4-1024 slice (512 chips) or v5p
   remat 'full' in both towers (each block recomputed in the backward pass).
 - loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss.
 MEASURED (`python -m basic.plan --devices=512`, XLA:CPU estimate; BENCHMARKS.md "BASIC-L plan"):
-170.0 GiB per device, which fits no TPU (v4 32, v5p 95, v5e 16 GiB). Most of it is the text
-tower running the whole microbatch on every device (FSDP shards the token embedding's width over
-'data' and the lookup's output inherits it); with the lookup's output constrained to
-PartitionSpec('data') the estimate is 60.5 GiB (v5p only).
+60.5 GiB per device, which fits v5p (95 GiB) and not v4 (32 GiB) or v5e (16 GiB). Before the
+text tower constrained its token-embedding output to the data axis (basic/models/text.py,
+`sharding.constrain_batch`) the same plan was 170.0 GiB: FSDP shards the embedding table's width
+over 'data', the lookup's output inherited that, and every device ran the whole text microbatch.
+For a v4 slice, halve the activations per chip (microbatch 4096, K = 16); not measured.
 """
 import ml_collections
 

@@ -11,6 +11,14 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The triton of CUDA builds of torch (the `convert` extra; open_clip imports it through
+# torch._dynamo) segfaults on import when TensorFlow was imported before it, as other test
+# modules do; imported first, both load.
+try:
+  import triton  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  pass
+
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long-running test, excluded from the default suite '

@@ -35,7 +35,7 @@ INSTALL_REQUIRES = [
 # `pip install '.[convert]'`: basic.convert.open_clip (reads OpenCLIP / OpenAI CLIP weights) and
 # its tests. torchvision is open_clip_torch's dependency, pinned to match torch.
 CONVERT_REQUIRES = ["torch==2.14.1", "torchvision==0.29.1", "open_clip_torch==3.3.0",
-                    "safetensors==0.8.0"]
+                    "timm==1.0.31", "safetensors==0.8.0"]
 
 setuptools.setup(
     name="basic",

@@ -1,8 +1,9 @@
-r"""OpenCLIP / OpenAI CLIP ViT dual encoders in basic's layout, with CLIP's BPE tokenizer.
+r"""OpenCLIP / OpenAI CLIP dual encoders in basic's layout, with CLIP's BPE tokenizer.
 
-`basic.convert.open_clip` writes converted weights with the config of `clip_vit(...)` (the
-architecture read from the state dict); `get_config` gives OpenCLIP's ViT-B-32 itself, e.g. to
-train one from scratch on your shards:
+`basic.convert.open_clip` writes converted weights with the config of `clip_vit(...)` (ViT image
+towers) or `clip_convnext(...)` (OpenCLIP's timm ConvNeXt towers), the architecture read from the
+state dict; `get_config` gives OpenCLIP's ViT-B-32 itself, e.g. to train one from scratch on your
+shards:
 
   python -m basic.train --config=configs/open_clip.py:model=ViT-B-32 --workdir=runs/b32 \
       --config.tokenizer.model_path=PATH/bpe_simple_vocab_16e6.txt.gz \
@@ -15,10 +16,16 @@ patch-embedding bias, class-token pooling; a causal text Transformer that attend
 (`mask_padding=False`: CLIP's BPE gives id 0 to '!') and pools at the EOT token ('argmax');
 LayerNorm eps 1e-5 (torch's); MLP activation 'quick_gelu' (OpenAI's weights and OpenCLIP's
 '-quickgelu' models) or exact 'gelu' (OpenCLIP's other models).
+
+`clip_convnext` is configs/convnext_xxlarge.py's (the model card's recipe: optimiser, data
+augmentation, sharding rules, remat) with the sizes of the converted model: timm's ConvNeXt trunk
+(basic/models/convnext.py: average pool + LayerNorm, then `image_proj` = OpenCLIP's `head.proj`)
+and the same OpenCLIP text tower as above.
 """
 import ml_collections
 
 from configs import common
+from configs import convnext_xxlarge
 from configs import vit_b16
 
 # OpenCLIP's model_configs/ViT-B-32.json (its text tower: OpenAI CLIP's).
@@ -53,6 +60,65 @@ def clip_vit(*, image_size: int, patch_size: int, width: int, depth: int, num_he
       config.init_from checkpoint, see basic.tokenizer.ensure_tokenizer).
   """
   config = vit_b16.get_config()
+  _clip_common(config, image_size=image_size, text_width=text_width, text_depth=text_depth,
+               text_num_heads=text_num_heads, text_mlp_dim=text_mlp_dim,
+               text_length=text_length, vocab_size=vocab_size, embed_dim=embed_dim,
+               text_activation=activation, text_norm_eps=norm_eps, causal=causal,
+               temperature_init=temperature_init, temperature_min=temperature_min,
+               tokenizer_path=tokenizer_path)
+  image = config.model.image
+  image.update(dict(patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
+                    mlp_dim=mlp_dim, pool='cls', posemb='learn'))
+  image.activation = activation
+  image.norm_eps = norm_eps
+  image.ln_pre = ln_pre
+  image.patch_bias = False
+  return config
+
+
+def clip_convnext(*, image_size: int, depths: tuple[int, ...], dims: tuple[int, ...],
+                  norm_eps: float, text_width: int, text_depth: int, text_num_heads: int,
+                  text_mlp_dim: int, text_length: int, vocab_size: int, embed_dim: int,
+                  text_activation: str = 'gelu', text_norm_eps: float = NORM_EPS,
+                  causal: bool = True, drop_path: float = 0.0, temperature_init: float = 0.07,
+                  temperature_min: float = 1 / CLIP_LOGIT_SCALE_MAX,
+                  tokenizer_path: str = '') -> ml_collections.ConfigDict:
+  """The full experiment config of an OpenCLIP CLIP with a timm ConvNeXt image tower.
+
+  Args:
+    image_size: OpenCLIP's vision_cfg.image_size (a ConvNeXt has no position embedding to tell).
+    depths, dims, norm_eps: the ConvNeXt stages (blocks, channels) and its LayerNorm epsilon
+      (timm: 1e-6, `convnext_xxlarge` 1e-5).
+    text_width, text_depth, text_num_heads, text_mlp_dim, text_length, vocab_size: the text
+      Transformer, as in `clip_vit`.
+    embed_dim: the joint embedding.
+    text_activation, text_norm_eps: the text tower's MLP activation and LayerNorm epsilon (timm's
+      ConvNeXt always uses exact GELU).
+    causal: causal text attention.
+    drop_path: the ConvNeXt's stochastic depth when training (OpenCLIP's timm_drop_path).
+    temperature_init, temperature_min, tokenizer_path: as in `clip_vit`.
+  """
+  config = convnext_xxlarge.get_config()
+  _clip_common(config, image_size=image_size, text_width=text_width, text_depth=text_depth,
+               text_num_heads=text_num_heads, text_mlp_dim=text_mlp_dim,
+               text_length=text_length, vocab_size=vocab_size, embed_dim=embed_dim,
+               text_activation=text_activation, text_norm_eps=text_norm_eps, causal=causal,
+               temperature_init=temperature_init, temperature_min=temperature_min,
+               tokenizer_path=tokenizer_path)
+  image = config.model.image
+  image.variant = ''              # Explicit sizes (basic.models.convnext.variant_spec).
+  image.depths = tuple(depths)
+  image.dims = tuple(dims)
+  image.norm_eps = norm_eps
+  image.drop_path = drop_path
+  return config
+
+
+def _clip_common(config, *, image_size: int, text_width: int, text_depth: int,
+                 text_num_heads: int, text_mlp_dim: int, text_length: int, vocab_size: int,
+                 embed_dim: int, text_activation: str, text_norm_eps: float, causal: bool,
+                 temperature_init: float, temperature_min: float, tokenizer_path: str):
+  """What every converted CLIP shares: data sizes, CLIP's BPE, float32, the text tower."""
   config.data.image_size = image_size
   config.data.text_length = text_length
   # OpenCLIP's eval transform: shorter side resized (bicubic) to image_size, centre crop. TF's
@@ -70,21 +136,12 @@ def clip_vit(*, image_size: int, patch_size: int, width: int, depth: int, num_he
   config.model.dtype = 'float32'        # Exactly OpenCLIP's float32 numerics; bfloat16 trains.
   config.model.temperature_init = temperature_init
   config.model.temperature_min = temperature_min
-  image = config.model.image
-  image.update(dict(patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
-                    mlp_dim=mlp_dim, pool='cls', posemb='learn'))
-  image.activation = activation
-  image.norm_eps = norm_eps
-  image.ln_pre = ln_pre
-  image.patch_bias = False
   text = config.model.text
   text.update(dict(vocab_size=vocab_size, width=text_width, depth=text_depth,
                    num_heads=text_num_heads, mlp_dim=text_mlp_dim, causal=causal, pool='argmax'))
-  text.activation = activation
-  text.norm_eps = norm_eps
+  text.activation = text_activation
+  text.norm_eps = text_norm_eps
   text.mask_padding = False
-  return config
-
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, model='ViT-B-32', quick_gelu=False, tokenizer='')

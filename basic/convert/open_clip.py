@@ -1,26 +1,31 @@
-r"""Imports OpenCLIP / OpenAI CLIP ViT weights as a basic checkpoint (`pip install -e .[convert]`).
+r"""Imports OpenCLIP / OpenAI CLIP weights (ViT or timm ConvNeXt image towers) as a basic
+checkpoint (`pip install -e .[convert]`).
 
   python -m basic.convert.open_clip --model=ViT-B-32 --checkpoint=open_clip_model.safetensors \
       --output=runs/clip_b32
+  python -m basic.convert.open_clip --model=convnext_xxlarge \
+      --checkpoint=open_clip_pytorch_model.bin --output=runs/clip_convnext_xxlarge
 
 --checkpoint: an OpenCLIP state dict (`.safetensors`, or a torch `.pt` / `.bin` / `.pth`: a bare
 state dict, an OpenCLIP training checkpoint {'state_dict': ...} with or without DDP's 'module.'
 prefix, or OpenAI's TorchScript archive such as ViT-B-32.pt). --model: the OpenCLIP model name
 (its config, `open_clip.get_model_config(NAME)`, says what shapes cannot: the activation, QuickGELU
-for '-quickgelu' names, GELU otherwise; head counts; LayerNorm eps) or the path of a JSON file in
-the same format (OpenCLIP's model_configs/*.json, or an `open_clip_config.json` with 'model_cfg').
-OpenAI's TorchScript weights always use QuickGELU; --quick_gelu overrides the config.
---tokenizer: CLIP's BPE merges file (default: the `bpe_simple_vocab_16e6.txt.gz` OpenCLIP ships).
+for '-quickgelu' names, GELU otherwise; head counts; LayerNorm eps; a ConvNeXt's image size and
+timm model) or the path of a JSON file in the same format (OpenCLIP's model_configs/*.json, or an
+`open_clip_config.json` with 'model_cfg'). OpenAI's TorchScript weights always use QuickGELU;
+--quick_gelu overrides the config. --tokenizer: CLIP's BPE merges file (default: the
+`bpe_simple_vocab_16e6.txt.gz` OpenCLIP ships).
 
 The output directory then holds step 0 as a params-only checkpoint (basic.checkpoint, like a soup)
-with its config (configs/open_clip.py `clip_vit` of the sizes read from the state dict) and the
-tokenizer (kind 'clip_bpe') inside, so that
+with its config (configs/open_clip.py `clip_vit` or `clip_convnext` of the sizes read from the
+state dict) and the tokenizer (kind 'clip_bpe') inside, so that
 
   model = basic.inference.load('runs/clip_b32')
   python -m basic.train --config=configs/from_checkpoint.py:path=runs/clip_b32 --workdir=...
 
 work as for a checkpoint basic trained. Parameter mapping (torch Linear weights are [out, in],
-flax kernels [in, out]):
+flax kernels [in, out]; torch conv weights [out, in / groups, kh, kw], flax [kh, kw, in / groups,
+out]):
   visual.conv1.weight [W, 3, p, p]             -> image/embedding/kernel [p, p, 3, W] (no bias)
   visual.class_embedding + positional_embedding[0] -> image/cls [1, 1, W]
   visual.positional_embedding[1:]              -> image/pos_embedding [1, T, W]
@@ -33,6 +38,19 @@ flax kernels [in, out]):
   visual.proj [W, E], text_projection [Wt, E]  -> image_proj/kernel, text_proj/kernel
   token_embedding.weight, positional_embedding -> text/token_embedding, text/pos_embedding
   logit_scale = log(1 / T)                     -> log_temperature = -logit_scale
+OpenCLIP's `TimmModel` around a timm ConvNeXt (vision_cfg.timm_model_name, e.g. the model card's
+`convnext_xxlarge`; timm_pool '' or 'avg', timm_proj 'linear' without bias) has its trunk at
+`visual.trunk` (timm's names; LayerNorm2d on NCHW = LayerNorm over the channels of NHWC):
+  visual.trunk.stem.0 (conv 4x4 / 4), stem.1 (LayerNorm) -> image/stem_conv, image/stem_norm
+  visual.trunk.stages.s.downsample.0 / .1      -> image/stage{s}_downsample_norm / _conv
+  visual.trunk.stages.s.blocks.i.conv_dw [C, 1, 7, 7] -> image/stage{s}_block{i:02d}/conv_dw
+      [7, 7, 1, C]; .norm, .mlp.fc1, .mlp.fc2, .gamma -> .../norm, mlp_fc1, mlp_fc2, gamma
+      (conv_mlp models' 1x1-conv fc weights [O, I, 1, 1] are read as Linear weights)
+  visual.trunk.head.norm                       -> image/head_norm
+  visual.head.proj.weight [E, C]               -> image_proj/kernel [C, E]
+Stages, depths and widths are read from the shapes. Its LayerNorm eps is timm's for the model:
+basic.models.convnext.VARIANTS for timm's convnext_* names (1e-6; convnext_xxlarge 1e-5), or read
+from timm's own model for another registered name; --norm_eps overrides (a custom trunk).
 Every state-dict entry must be used and every parameter found, or the conversion fails naming
 the key. The temperature floor (config.model.temperature_min) is CLIP's 0.01, lowered to the
 checkpoint's temperature if that is below it, so the converted model computes the same logits.
@@ -40,6 +58,14 @@ checkpoint's temperature if that is below it, so the converted model computes th
 import json
 import os
 from typing import Optional
+
+try:
+  # The triton of CUDA builds of torch (open_clip imports it through torch._dynamo) segfaults
+  # when it loads after TensorFlow; loaded first, both work. In a notebook that already imported
+  # TensorFlow (e.g. through basic.inference), run the conversion in a fresh process.
+  import triton  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:
+  pass
 
 from absl import app
 from absl import flags
@@ -51,6 +77,7 @@ import numpy as np
 from basic import checkpoint as checkpoint_lib
 from basic import tokenizer as tokenizer_lib
 from basic.models import DualEncoder
+from basic.models import convnext
 
 # OpenCLIP's defaults for fields its model configs may leave out (open_clip/model.py
 # CLIPVisionCfg, CLIPTextCfg).
@@ -71,6 +98,8 @@ _TEXT_FIXED = {
     'scale_attn': False, 'scale_fc': False, 'hf_model_name': None,
 }
 # Fields that do not change the function a converted model computes at inference.
+# A timm tower (vision_cfg.timm_model_name): a linear projection without bias after the trunk.
+_TIMM_FIXED = {'timm_proj': 'linear', 'timm_proj_bias': False}
 _VISION_FREE = ('image_size', 'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size',
                 'no_ln_pre', 'pos_embed_type', 'final_ln_after_pool', 'patch_dropout',
                 'output_tokens', 'norm_kwargs', 'attn_pooler_queries', 'attn_pooler_heads',
@@ -164,7 +193,7 @@ class _Reader:
   def shape(self, key: str) -> tuple:
     if key not in self.state:
       raise ValueError(f'{self.source}: key {key!r} is missing from the state dict; not an '
-                       'OpenCLIP / OpenAI CLIP ViT.')
+                       'OpenCLIP / OpenAI CLIP of the architecture --model describes.')
     return self.state[key].shape
 
   def take(self, key: str, shape: tuple) -> np.ndarray:
@@ -201,23 +230,69 @@ def _norm_eps(cfg: dict, where: str) -> float:
   return eps
 
 
-def architecture(reader: _Reader, cfg: dict, *, quick_gelu: Optional[bool] = None) -> dict:
+def architecture(reader: _Reader, cfg: dict, *, quick_gelu: Optional[bool] = None,
+                 norm_eps: Optional[float] = None) -> dict:
   """The sizes of the towers from the state dict's shapes, the rest from the model config.
 
-  Returns the keyword arguments of configs/open_clip.py `clip_vit` (without the temperature).
-  Raises ValueError naming the key or config field that does not fit a CLIP ViT, or a config
-  field whose value the state dict contradicts (a wrong --model).
+  Returns the keyword arguments of configs/open_clip.py `clip_vit` or `clip_convnext` (without
+  the temperature), plus 'image_tower': 'vit' or 'convnext' (a timm ConvNeXt at `visual.trunk`).
+  `norm_eps` overrides the ConvNeXt trunk's LayerNorm eps (for a timm model basic cannot look
+  up). Raises ValueError naming the key or config field that does not fit, or a config field
+  whose value the state dict contradicts (a wrong --model).
   """
   _check_config(cfg, _TOP_FREE, {}, '')
   vision, text = dict(cfg.get('vision_cfg') or {}), dict(cfg.get('text_cfg') or {})
-  _check_config(vision, _VISION_FREE, _VISION_FIXED, 'vision_cfg.')
+  timm_tower = bool(vision.get('timm_model_name'))
+  if timm_tower:   # OpenCLIP reads only the timm_* fields (and image_size) of a timm tower.
+    _check_config(vision, _VISION_FREE + tuple(_VISION_FIXED), _TIMM_FIXED, 'vision_cfg.')
+  else:
+    _check_config(vision, _VISION_FREE, _VISION_FIXED, 'vision_cfg.')
   _check_config(text, _TEXT_FREE, _TEXT_FIXED, 'text_cfg.')
-  if 'visual.proj' not in reader.state and any(k.startswith('visual.') for k in reader.state):
+  if any(k.startswith('visual.trunk.') for k in reader.state) and not timm_tower:
+    raise ValueError(f"{reader.source}: keys 'visual.trunk.*' hold a timm image tower, but the "
+                     'model config has no vision_cfg.timm_model_name: wrong --model?')
+  if (not timm_tower and 'visual.proj' not in reader.state
+      and any(k.startswith('visual.') for k in reader.state)):
     raise ValueError(f'{reader.source}: key \'visual.proj\' is missing: not a ViT image tower '
-                     '(ModifiedResNet, timm towers and attentional pooling are not supported).')
+                     '(ModifiedResNet and attentional pooling are not supported).')
   if 'logit_bias' in reader.state:
     raise ValueError(f'{reader.source}: key \'logit_bias\' (a SigLIP-style model) is not '
                      'supported.')
+  if timm_tower:
+    image = _convnext_architecture(reader, vision, norm_eps)
+    embed_key, embed_dim = 'visual.head.proj.weight', reader.shape('visual.head.proj.weight')[0]
+  else:
+    if norm_eps is not None:
+      raise ValueError('--norm_eps sets the LayerNorm eps of a timm ConvNeXt image tower; a '
+                       "ViT's comes from the model config (vision_cfg.norm_kwargs).")
+    image = _vit_architecture(reader, vision)
+    embed_key, embed_dim = 'visual.proj', reader.shape('visual.proj')[1]
+  arch = dict(image, **_text_architecture(reader, text), embed_dim=embed_dim)
+  activation = 'quick_gelu' if (cfg.get('quick_gelu', False) if quick_gelu is None
+                                else quick_gelu) else 'gelu'
+  if timm_tower:   # OpenCLIP's quick_gelu acts on its text tower only (timm's trunk: GELU).
+    arch.update(text_activation=activation, text_norm_eps=_norm_eps(text, 'text_cfg.'))
+  else:
+    arch.update(activation=activation)
+    if _norm_eps(text, 'text_cfg.') != arch['norm_eps']:
+      raise ValueError('OpenCLIP model config: vision_cfg and text_cfg norm_kwargs eps differ; '
+                       'basic converts one LayerNorm eps for both towers of a ViT CLIP.')
+  if cfg.get('embed_dim') is not None and cfg['embed_dim'] != embed_dim:
+    raise ValueError(f'{reader.source}: key {embed_key!r} gives embed_dim={embed_dim}, but the '
+                     f'model config says embed_dim={cfg["embed_dim"]}: wrong --model?')
+  return arch
+
+
+def _check_stated(reader: _Reader, stated: dict):
+  """stated: {model-config field: (the value it states, the state-dict key that tells, found)}."""
+  for field, (value, key, found) in stated.items():
+    if value is not None and value != found:
+      raise ValueError(f'{reader.source}: key {key!r} gives {field.split(".")[-1]}={found}, but '
+                       f'the model config says {field}={value}: wrong --model?')
+
+
+def _vit_architecture(reader: _Reader, vision: dict) -> dict:
+  """OpenCLIP's VisionTransformer: `clip_vit`'s image fields, with image_tower 'vit'."""
   width, channels, patch, patch_w = reader.shape('visual.conv1.weight')
   if channels != 3 or patch != patch_w:
     raise ValueError(f"{reader.source}: key 'visual.conv1.weight' has shape "
@@ -227,48 +302,132 @@ def architecture(reader: _Reader, cfg: dict, *, quick_gelu: Optional[bool] = Non
   if grid * grid != positions:
     raise ValueError(f"{reader.source}: key 'visual.positional_embedding' has "
                      f'{positions} + 1 rows: not a square patch grid plus a class token.')
-  text_width = reader.shape('ln_final.weight')[0]
-  vocab_size = reader.shape('token_embedding.weight')[0]
   arch = dict(
-      image_size=grid * patch, patch_size=patch, width=width,
+      image_tower='vit', image_size=grid * patch, patch_size=patch, width=width,
       depth=reader.count('visual.transformer.resblocks.'),
       num_heads=width // vision.get('head_width', VISION_HEAD_WIDTH),
       mlp_dim=reader.shape('visual.transformer.resblocks.0.mlp.c_fc.weight')[0],
-      text_width=text_width, text_depth=reader.count('transformer.resblocks.'),
-      text_num_heads=text.get('heads', TEXT_HEADS),
-      text_mlp_dim=reader.shape('transformer.resblocks.0.mlp.c_fc.weight')[0],
-      text_length=reader.shape('positional_embedding')[0], vocab_size=vocab_size,
-      embed_dim=reader.shape('visual.proj')[1],
-      activation='quick_gelu' if (cfg.get('quick_gelu', False) if quick_gelu is None
-                                  else quick_gelu) else 'gelu',
       norm_eps=_norm_eps(vision, 'vision_cfg.'),
-      ln_pre='visual.ln_pre.weight' in reader.state,
-      causal=not text.get('no_causal_mask', False))
-  if _norm_eps(text, 'text_cfg.') != arch['norm_eps']:
-    raise ValueError('OpenCLIP model config: vision_cfg and text_cfg norm_kwargs eps differ; '
-                     'basic converts one LayerNorm eps for both towers.')
-  stated = {  # model-config field -> (value it states, the state-dict key that tells).
-      'embed_dim': (cfg.get('embed_dim'), 'visual.proj', arch['embed_dim']),
+      ln_pre='visual.ln_pre.weight' in reader.state)
+  _check_stated(reader, {
       'vision_cfg.width': (vision.get('width'), 'visual.conv1.weight', width),
       'vision_cfg.patch_size': (vision.get('patch_size'), 'visual.conv1.weight', patch),
       'vision_cfg.image_size': (vision.get('image_size'), 'visual.positional_embedding',
                                 arch['image_size']),
       'vision_cfg.layers': (vision.get('layers'), 'visual.transformer.resblocks.*',
                             arch['depth']),
+  })
+  if arch['num_heads'] < 1 or width % arch['num_heads']:
+    raise ValueError(f'OpenCLIP model config vision_cfg: {arch["num_heads"]} heads do not divide '
+                     f'width {width}.')
+  return arch
+
+
+def _convnext_architecture(reader: _Reader, vision: dict, norm_eps: Optional[float]) -> dict:
+  """OpenCLIP's TimmModel around a timm ConvNeXt: `clip_convnext`'s image fields.
+
+  Stages, depths and widths from the shapes; the trunk's patch, kernel and MLP sizes must be
+  basic.models.convnext's (4, 7, 4x), which the shape checks of `convert_params` enforce. The
+  image size and stochastic depth come from the model config, the LayerNorm eps from `norm_eps`
+  or the timm model's name (`_timm_norm_eps`).
+  """
+  name = vision['timm_model_name']
+  pool = vision.get('timm_pool', 'avg')
+  if pool not in ('', 'avg'):
+    raise ValueError(f'OpenCLIP model config vision_cfg.timm_pool={pool!r} is not supported: '
+                     "basic's ConvNeXt pools by averaging ('' keeps timm's default, 'avg').")
+  stem = reader.shape('visual.trunk.stem.0.weight')
+  patch = convnext.ConvNeXt.patch_size
+  if stem[1:] != (3, patch, patch):
+    raise ValueError(f"{reader.source}: key 'visual.trunk.stem.0.weight' has shape {stem}: "
+                     f"basic's ConvNeXt has timm's patch stem, a {patch}x{patch} RGB conv.")
+  stages = reader.count('visual.trunk.stages.')
+  depths = tuple(reader.count(f'visual.trunk.stages.{s}.blocks.') for s in range(stages))
+  dims = tuple(reader.shape(f'visual.trunk.stages.{s}.blocks.0.conv_dw.weight')[0]
+               for s in range(max(stages, 1)))
+  if norm_eps is None:
+    norm_eps = _timm_norm_eps(reader, name, depths, dims)
+  size = vision.get('image_size', 224)   # OpenCLIP CLIPVisionCfg's default.
+  if isinstance(size, (tuple, list)):
+    if len(set(size)) != 1:
+      raise ValueError(f'OpenCLIP model config vision_cfg.image_size={size!r}: basic converts '
+                       'square images only.')
+    size = size[0]
+  reduction = patch * 2 ** (len(depths) - 1)
+  if size % reduction:
+    raise ValueError(f'OpenCLIP model config vision_cfg.image_size={size!r}: basic needs a '
+                     f'multiple of {reduction} (the ConvNeXt stem and downsampling stages).')
+  return dict(image_tower='convnext', image_size=size, depths=depths, dims=dims,
+              norm_eps=norm_eps, drop_path=vision.get('timm_drop_path') or 0.0)
+
+
+def _timm_norm_eps(reader: _Reader, name: str, depths: tuple, dims: tuple) -> float:
+  """The LayerNorm eps of timm's ConvNeXt `name`: basic.models.convnext.VARIANTS (timm's
+  convnext_* model functions), else timm's own model (built on the 'meta' device: no memory),
+  whose trunk shapes and code path must then be those the state dict and basic assume."""
+  where = f'vision_cfg.timm_model_name={name!r}'
+  if name in convnext.VARIANTS:
+    want_depths, want_dims, eps = convnext.VARIANTS[name]
+    if (depths, dims) != (want_depths, want_dims):
+      raise ValueError(f"{reader.source}: keys 'visual.trunk.stages.*' give depths={depths}, "
+                       f'dims={dims}, but the model config says {where} (depths={want_depths}, '
+                       f'dims={want_dims}): wrong --model?')
+    return eps
+  try:
+    import timm  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f'OpenCLIP model config {where}: not one of basic.models.convnext.VARIANTS;'
+                      " reading its LayerNorm eps needs timm (pip install '.[convert]'), or give "
+                      'it with --norm_eps.') from e
+  if not timm.is_model(name):
+    raise ValueError(f'OpenCLIP model config {where}: neither one of '
+                     f'basic.models.convnext.VARIANTS nor a model registered in timm; give its '
+                     'LayerNorm eps with --norm_eps.')
+  with torch.device('meta'):
+    trunk = timm.create_model(name, pretrained=False)
+  if not isinstance(trunk, timm.models.convnext.ConvNeXt):
+    raise ValueError(f'OpenCLIP model config {where}: a timm {type(trunk).__name__}, not a '
+                     'ConvNeXt.')
+  for key, value in trunk.state_dict().items():
+    if not key.startswith('head.fc.') and reader.shape(f'visual.trunk.{key}') != value.shape:
+      raise ValueError(f"{reader.source}: key 'visual.trunk.{key}' has shape "
+                       f'{reader.shape(f"visual.trunk.{key}")}, but timm\'s {name} has '
+                       f'{tuple(value.shape)}: wrong --model?')
+  norms = {(type(m).__name__, m.eps) for m in trunk.modules()
+           if isinstance(m, torch.nn.LayerNorm)}
+  acts = {(type(block.mlp.act).__name__, getattr(block.mlp.act, 'approximate', 'none'))
+          for stage in trunk.stages for block in stage.blocks}
+  eps = {e for _, e in norms}
+  pool = trunk.head.global_pool.pool_type
+  if ({n for n, _ in norms} - {'LayerNorm', 'LayerNorm2d'} or len(eps) != 1
+      or acts != {('GELU', 'none')} or pool != 'avg'):
+    raise ValueError(f'OpenCLIP model config {where}: not the ConvNeXt basic computes (norms '
+                     f'{sorted(norms)}, activations {sorted(acts)}, pool {pool!r}).')
+  return eps.pop()
+
+
+def _text_architecture(reader: _Reader, text: dict) -> dict:
+  """OpenCLIP's text Transformer: the text_* fields of `clip_vit` / `clip_convnext`."""
+  text_width = reader.shape('ln_final.weight')[0]
+  vocab_size = reader.shape('token_embedding.weight')[0]
+  arch = dict(
+      text_width=text_width, text_depth=reader.count('transformer.resblocks.'),
+      text_num_heads=text.get('heads', TEXT_HEADS),
+      text_mlp_dim=reader.shape('transformer.resblocks.0.mlp.c_fc.weight')[0],
+      text_length=reader.shape('positional_embedding')[0], vocab_size=vocab_size,
+      causal=not text.get('no_causal_mask', False))
+  _check_stated(reader, {
       'text_cfg.width': (text.get('width'), 'ln_final.weight', text_width),
       'text_cfg.layers': (text.get('layers'), 'transformer.resblocks.*', arch['text_depth']),
       'text_cfg.context_length': (text.get('context_length'), 'positional_embedding',
                                   arch['text_length']),
       'text_cfg.vocab_size': (text.get('vocab_size'), 'token_embedding.weight', vocab_size),
-  }
-  for field, (value, key, found) in stated.items():
-    if value is not None and value != found:
-      raise ValueError(f'{reader.source}: key {key!r} gives {field.split(".")[-1]}={found}, but '
-                       f'the model config says {field}={value}: wrong --model?')
-  for tower, heads, w in (('vision_cfg', arch['num_heads'], width),
-                          ('text_cfg', arch['text_num_heads'], text_width)):
-    if heads < 1 or w % heads:
-      raise ValueError(f'OpenCLIP model config {tower}: {heads} heads do not divide width {w}.')
+  })
+  heads = arch['text_num_heads']
+  if heads < 1 or text_width % heads:
+    raise ValueError(f'OpenCLIP model config text_cfg: {heads} heads do not divide width '
+                     f'{text_width}.')
   if vocab_size < 49408:
     raise ValueError(f"{reader.source}: key 'token_embedding.weight' has {vocab_size} rows; "
                      "CLIP's BPE needs 49408.")
@@ -312,11 +471,47 @@ def _encoder(r: _Reader, prefix: str, depth: int, width: int, heads: int, mlp_di
   return out
 
 
-def convert_params(r: _Reader, arch: dict) -> dict:
-  """The state dict -> basic's DualEncoder params (float32 numpy arrays), per the module
-  docstring's table. Every entry of the state dict must be used."""
-  w, p, e = arch['width'], arch['patch_size'], arch['embed_dim']
-  tw, length = arch['text_width'], arch['text_length']
+def _conv(r: _Reader, prefix: str, shape: tuple) -> dict:
+  """A torch Conv2d [O, I / groups, kh, kw] + bias -> flax nn.Conv [kh, kw, I / groups, O]."""
+  return {'kernel': r.take(f'{prefix}.weight', shape).transpose(2, 3, 1, 0),
+          'bias': r.take(f'{prefix}.bias', (shape[0],))}
+
+
+def _pointwise(r: _Reader, prefix: str, d_in: int, d_out: int) -> dict:
+  """A Linear, or the 1x1 conv of timm's conv_mlp ConvNeXts ([O, I, 1, 1]) -> nn.Dense."""
+  if len(r.shape(f'{prefix}.weight')) == 4:
+    return {'kernel': r.take(f'{prefix}.weight', (d_out, d_in, 1, 1))[:, :, 0, 0].T,
+            'bias': r.take(f'{prefix}.bias', (d_out,))}
+  return _dense(r, prefix, d_in, d_out)
+
+
+def _convnext(r: _Reader, arch: dict) -> dict:
+  """timm's ConvNeXt at `visual.trunk` -> basic.models.convnext.ConvNeXt params."""
+  t, dims = 'visual.trunk', arch['dims']
+  patch, k = convnext.ConvNeXt.patch_size, convnext.ConvNeXt.kernel_size
+  mlp = convnext.ConvNeXt.mlp_ratio
+  out = {'stem_conv': _conv(r, f'{t}.stem.0', (dims[0], 3, patch, patch)),
+         'stem_norm': _layer_norm(r, f'{t}.stem.1', dims[0])}
+  for s, (depth, dim) in enumerate(zip(arch['depths'], dims)):
+    p = f'{t}.stages.{s}'
+    if s > 0:
+      out[f'stage{s}_downsample_norm'] = _layer_norm(r, f'{p}.downsample.0', dims[s - 1])
+      out[f'stage{s}_downsample_conv'] = _conv(r, f'{p}.downsample.1', (dim, dims[s - 1], 2, 2))
+    for i in range(depth):
+      b = f'{p}.blocks.{i}'
+      out[f'stage{s}_block{i:02d}'] = {
+          'conv_dw': _conv(r, f'{b}.conv_dw', (dim, 1, k, k)),
+          'norm': _layer_norm(r, f'{b}.norm', dim),
+          'mlp_fc1': _pointwise(r, f'{b}.mlp.fc1', dim, mlp * dim),
+          'mlp_fc2': _pointwise(r, f'{b}.mlp.fc2', mlp * dim, dim),
+          'gamma': r.take(f'{b}.gamma', (dim,))}
+  out['head_norm'] = _layer_norm(r, f'{t}.head.norm', dims[-1])
+  return out
+
+
+def _vit(r: _Reader, arch: dict) -> dict:
+  """OpenCLIP's VisionTransformer at `visual` -> basic.models.vit.ViT params."""
+  w, p = arch['width'], arch['patch_size']
   grid = arch['image_size'] // p
   pos = r.take('visual.positional_embedding', (grid * grid + 1, w))
   image = {
@@ -328,6 +523,19 @@ def convert_params(r: _Reader, arch: dict) -> dict:
   }
   if arch['ln_pre']:
     image['ln_pre'] = _layer_norm(r, 'visual.ln_pre', w)
+  return image
+
+
+def convert_params(r: _Reader, arch: dict) -> dict:
+  """The state dict -> basic's DualEncoder params (float32 numpy arrays), per the module
+  docstring's table. Every entry of the state dict must be used."""
+  e, tw, length = arch['embed_dim'], arch['text_width'], arch['text_length']
+  if arch['image_tower'] == 'convnext':
+    image = _convnext(r, arch)
+    image_proj = r.take('visual.head.proj.weight', (e, arch['dims'][-1])).T
+  else:
+    image = _vit(r, arch)
+    image_proj = r.take('visual.proj', (arch['width'], e))
   text = {
       'token_embedding': {'embedding': r.take('token_embedding.weight',
                                               (arch['vocab_size'], tw))},
@@ -341,14 +549,15 @@ def convert_params(r: _Reader, arch: dict) -> dict:
                      'scalar.')
   params = {
       'image': image, 'text': text,
-      'image_proj': {'kernel': r.take('visual.proj', (w, e))},
+      'image_proj': {'kernel': image_proj},
       'text_proj': {'kernel': r.take('text_projection', (tw, e))},
       'log_temperature': -logit_scale.reshape(()),
   }
   unused = sorted(set(r.state) - r.used)
   if unused:
     raise ValueError(f'{r.source}: key {unused[0]!r} (and {len(unused) - 1} more) has no place '
-                     f'in a CLIP ViT; unsupported model. Unused: {unused[:8]}')
+                     f'in the converted {arch["image_tower"]} CLIP; unsupported model. Unused: '
+                     f'{unused[:8]}')
   return jax.tree.map(lambda x: np.array(x, np.float32, order='C'), params)
 
 
@@ -370,9 +579,9 @@ def _check_against_model(params: dict, config):
 
 
 def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str] = None,
-            quick_gelu: Optional[bool] = None) -> str:
-  """Converts `checkpoint` (an OpenCLIP ViT CLIP, see the module docstring) into a basic
-  checkpoint at `output` (local or gs://; step 0). Returns `output`.
+            quick_gelu: Optional[bool] = None, norm_eps: Optional[float] = None) -> str:
+  """Converts `checkpoint` (an OpenCLIP ViT or timm ConvNeXt CLIP, see the module docstring)
+  into a basic checkpoint at `output` (local or gs://; step 0). Returns `output`.
 
   Args:
     model: OpenCLIP model name or JSON model-config path (--model).
@@ -380,6 +589,8 @@ def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str
     output: the directory to write (must not hold a checkpoint yet).
     tokenizer: CLIP's BPE merges file (default: the one open_clip_torch ships).
     quick_gelu: override the model config's activation (OpenAI's TorchScript files: True).
+    norm_eps: the LayerNorm eps of a timm ConvNeXt image tower (default: timm's for the model
+      named by vision_cfg.timm_model_name).
   """
   from configs import open_clip as open_clip_configs  # pylint: disable=g-import-not-at-top
   state, jit = load_state_dict(checkpoint)
@@ -388,12 +599,14 @@ def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str
   if all(k.startswith(('visual.', 'text.', 'logit_')) for k in state):   # CustomTextCLIP.
     state = {k[len('text.'):] if k.startswith('text.') else k: v for k, v in state.items()}
   reader = _Reader(state, checkpoint)
-  arch = architecture(reader, model_config(model), quick_gelu=quick_gelu)
+  arch = architecture(reader, model_config(model), quick_gelu=quick_gelu, norm_eps=norm_eps)
   params = convert_params(reader, arch)
   temperature = float(np.exp(params['log_temperature']))
   tokenizer = tokenizer or default_tokenizer_path()
-  config = open_clip_configs.clip_vit(
-      **arch, temperature_min=min(1 / open_clip_configs.CLIP_LOGIT_SCALE_MAX, temperature))
+  build = {'vit': open_clip_configs.clip_vit, 'convnext': open_clip_configs.clip_convnext}
+  config = build[arch['image_tower']](
+      **{k: v for k, v in arch.items() if k != 'image_tower'},
+      temperature_min=min(1 / open_clip_configs.CLIP_LOGIT_SCALE_MAX, temperature))
   tok = tokenizer_lib.make_tokenizer(config.tokenizer, tokenizer, config.data.text_length)
   if tok.vocab_size > arch['vocab_size']:
     raise ValueError(f'--tokenizer={tokenizer}: {tok.vocab_size} ids, more than the '
@@ -408,8 +621,8 @@ def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str
             data={'converted_from': str(checkpoint), 'open_clip_model': model})
   ckpt.wait()
   ckpt.close()
-  logging.info('Converted %s (%s; %s, %d + %d blocks) to %s.', checkpoint, model,
-               arch['activation'], arch['depth'], arch['text_depth'], output)
+  logging.info('Converted %s (%s: %s image tower, %d text blocks) to %s.', checkpoint, model,
+               arch['image_tower'], arch['text_depth'], output)
   return output
 
 
@@ -423,6 +636,8 @@ def _define_flags():
                       'open_clip_torch ships).')
   flags.DEFINE_bool('quick_gelu', None, 'Override the model config: QuickGELU (OpenAI weights, '
                     '-quickgelu models) or GELU (--noquick_gelu).')
+  flags.DEFINE_float('norm_eps', None, 'LayerNorm eps of a timm ConvNeXt image tower (default: '
+                     "timm's for vision_cfg.timm_model_name; needed for a custom timm model).")
   flags.mark_flags_as_required(['model', 'checkpoint', 'output'])
 
 
@@ -433,7 +648,8 @@ def main(argv):
   if not epath.Path(options.checkpoint).exists():
     raise app.UsageError(f'--checkpoint={options.checkpoint}: no such file.')
   output = convert(options.model, options.checkpoint, options.output,
-                   tokenizer=options.tokenizer, quick_gelu=options.quick_gelu)
+                   tokenizer=options.tokenizer, quick_gelu=options.quick_gelu,
+                   norm_eps=options.norm_eps)
   print(f'Wrote {output}: basic.inference.load({output!r}); continue training with '
         f'--config=configs/from_checkpoint.py:path={output}')
 

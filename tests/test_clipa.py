@@ -272,3 +272,16 @@ def test_clipa_v2_h14_stages_validate(stage):
   bad.model.image.mask.ratio = 1.0
   with pytest.raises(ValueError, match='model.image.mask.ratio'):
     config_lib.validate(bad)
+
+
+def test_clipa_schedule_step_counts_give_both_schedules_the_same_budget():
+  from basic import bench  # pylint: disable=g-import-not-at-top
+  full_s, reduced_s, budget = 0.83, 0.31, 240.0
+  steps = bench.allocate_steps(budget, full_s, reduced_s, pretrain_share=0.8)
+  full = steps['full'] * full_s
+  pretrain, tune = steps['pretrain'] * reduced_s, steps['tune'] * full_s
+  assert abs(full - budget) <= full_s / 2                           # Within half a step each.
+  assert abs(pretrain - 0.8 * budget) <= reduced_s / 2
+  assert abs(tune - 0.2 * budget) <= full_s / 2
+  assert abs((pretrain + tune) - full) <= full_s + reduced_s / 2
+  assert steps['pretrain'] > steps['full'] > steps['tune'] >= 1

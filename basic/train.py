@@ -5,6 +5,7 @@ Running the same command again resumes from the latest checkpoint in `DIR/checkp
 Writes `DIR/metrics.jsonl` (one JSON object per logged step), TensorBoard events in `DIR`, and
 checkpoints; evaluates zero-shot every `eval_every_steps` and at the end.
 """
+import contextlib
 import signal
 import threading
 import time
@@ -92,10 +93,9 @@ def make_encode_fn(model, mesh=None):
   constraints (`basic.sharding.constrain_batch`) shard the microbatch over the data axis.
   """
   def encode_fn(params, batch, rng):
-    if mesh is None:
-      return model.apply({'params': params}, batch['image'], batch['text'], train=True,
-                         rngs={'dropout': rng})
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    context = (contextlib.nullcontext() if mesh is None
+               else jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    with context:
       return model.apply({'params': params}, batch['image'], batch['text'], train=True,
                          rngs={'dropout': rng})
   return encode_fn

@@ -10,6 +10,7 @@ from basic import train
 from basic.models import DualEncoder
 from basic.models import coatnet
 from configs import basic_s
+import tower_helpers
 
 
 def _count(tree):
@@ -69,27 +70,11 @@ def _small_config(drop_path=0.3, remat='none'):
   return config
 
 
-def _batch(config, n, seed=0):
-  rng = np.random.default_rng(seed)
-  size = config.data.image_size
-  return {'image': jnp.asarray(rng.integers(0, 256, (n, size, size, 3)), jnp.uint8),
-          'text': jnp.asarray(rng.integers(1, 200, (n, config.data.text_length)), jnp.int32)}
-
-
-def _random_params(model, batch, seed=0):
-  """Parameters of the model's shapes drawn with numpy: no init program to compile."""
-  shapes = jax.eval_shape(lambda b: model.init(jax.random.key(0), b['image'], b['text']),
-                          batch)['params']
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes)
-
-
 def test_forward_shapes_downsampling_and_drop_path():
   config = _small_config()
   model = DualEncoder(config)
-  batch = _batch(config, 4)
-  params = _random_params(model, batch)
+  batch = tower_helpers.random_batch(config, 4)
+  params = tower_helpers.random_params(model, batch)
   tower = params['image']
   # Stage 3 block 0: 2x2 max-pool + 1x1 projection 32 -> 64 on the shortcut; relative tables
   # of (2H-1) x (2W-1) offsets per head at the 2x2 grid of stage 3 and the 1x1 grid of stage 4.
@@ -116,8 +101,8 @@ def test_gradcache_step_equals_full_batch_with_drop_path_and_remat():
   config.model.image.update(dict(depths=(1, 1), dims=(16, 32), block_types='CT',
                                  strides=(2, 2)))
   model = DualEncoder(config)
-  batch = _batch(config, 8)
-  params = _random_params(model, batch)
+  batch = tower_helpers.random_batch(config, 8)
+  params = tower_helpers.random_params(model, batch)
   encode_fn, loss_fn = train.make_encode_fn(model), train.make_loss_fn(config)
   rng = jax.random.key(3)
   loss, grads = jax.jit(gradcache.value_and_grad(encode_fn, loss_fn, num_microbatches=2))(

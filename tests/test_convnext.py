@@ -19,6 +19,7 @@ from basic.models import convnext
 from basic.models import text as text_lib
 from basic.plan import param_counts
 from configs import convnext_xxlarge
+import tower_helpers
 
 
 def _count(tree):
@@ -145,21 +146,6 @@ def _small_config(drop_path=0.1, remat='none'):
   return config
 
 
-def _batch(config, n, seed=0):
-  rng = np.random.default_rng(seed)
-  size = config.data.image_size
-  return {'image': jnp.asarray(rng.integers(0, 256, (n, size, size, 3)), jnp.uint8),
-          'text': jnp.asarray(rng.integers(1, 200, (n, config.data.text_length)), jnp.int32)}
-
-
-def _random_params(model, batch, seed=0):
-  """Parameters of the model's shapes drawn with numpy: no init program to compile."""
-  shapes = jax.eval_shape(lambda b: model.init(jax.random.key(0), b['image'], b['text']),
-                          batch)['params']
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes)
-
-
 def test_tower_shapes_and_names():
   config = convnext_xxlarge.get_config('runlocal=True')
   params = _abstract_params(config)
@@ -216,8 +202,8 @@ def test_text_argmax_pool_takes_the_highest_id():
 def test_forward_drop_path_uses_the_dropout_rng():
   config = _small_config(drop_path=0.5)
   model = DualEncoder(config)
-  batch = _batch(config, 4)
-  params = _random_params(model, batch)
+  batch = tower_helpers.random_batch(config, 4)
+  params = tower_helpers.random_params(model, batch)
   run = jax.jit(lambda p, rng: model.apply({'params': p}, batch['image'], batch['text'],
                                            train=True, rngs={'dropout': rng})[0])
   first = run(params, jax.random.key(1))
@@ -235,8 +221,8 @@ def _relative_error(a, b):
 def test_gradcache_step_equals_full_batch_with_drop_path_and_remat():
   config = _small_config(drop_path=0.1, remat='full')
   model = DualEncoder(config)
-  batch = _batch(config, 8)
-  params = _random_params(model, batch)
+  batch = tower_helpers.random_batch(config, 8)
+  params = tower_helpers.random_params(model, batch)
   encode_fn, loss_fn = train.make_encode_fn(model), train.make_loss_fn(config)
   rng = jax.random.key(3)
   # Stochastic depth is active in this step: the two microbatch rngs drop different blocks.

@@ -28,7 +28,8 @@ step 1 and again in step 3), plus the embeddings and their cotangents (about
 16*N*d bytes in float32), plus whatever the loss needs (O(c*N) for a chunked
 loss from `basic.contrastive`, about 3*4*c*N bytes), plus the activations of
 ONE microbatch of m examples. Nothing is N x N and no activations of the full
-batch exist. The cost is one extra forward pass: about 4/3 of a plain step.
+batch exist. With FSDP-sharded parameters, each microbatch gathers the weights
+it needs again (the loops keep the parameters out of loop-invariant hoisting). The cost is one extra forward pass: about 4/3 of a plain step.
 
 Microbatch layout. Microbatch k is the strided set of examples
 {i : i % K == k}, i.e. `x.reshape(m, K, ...).swapaxes(0, 1)`. When the batch
@@ -166,12 +167,17 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
     # 1. Embed every microbatch, no tape.
     frozen = jax.lax.stop_gradient(params)
 
+    # The parameters ride in the loop carry behind an optimization barrier, so they are not
+    # loop-invariant: otherwise XLA hoists the FSDP all-gathers out of the loops and every
+    # device holds the whole gathered model for the entire step (BENCHMARKS.md, CLIPA plan:
+    # 11.89 -> 9.03 GiB/device). Identity on the values.
     def embed(carry, xs):
       k, mb = xs
-      return carry, encode_fn(frozen, mb, microbatch_rng(rng, k))
+      p = jax.lax.optimization_barrier(carry)
+      return p, encode_fn(p, mb, microbatch_rng(rng, k))
 
     _, (image_emb, text_emb) = jax.lax.scan(
-        embed, None, (ks, microbatches), unroll=unroll)  # (K, m, d) each.
+        embed, frozen, (ks, microbatches), unroll=unroll)  # (K, m, d) each.
 
     # 2. Loss, direct parameter gradients and embedding cotangents.
     loss, (direct, d_image, d_text) = jax.value_and_grad(
@@ -181,17 +187,19 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
     d_text = microbatch(d_text, num_microbatches)
 
     # 3. Recompute each microbatch under vjp and pull back its cotangents.
-    def backprop(acc, xs):
+    def backprop(carry, xs):
+      acc, p = carry
       k, mb, d_image_k, d_text_k = xs
+      p = jax.lax.optimization_barrier(p)
       _, pullback = jax.vjp(
-          lambda p: encode_fn(p, mb, microbatch_rng(rng, k)), params)
+          lambda q: encode_fn(q, mb, microbatch_rng(rng, k)), p)
       (grads_k,) = pullback((d_image_k, d_text_k))
       acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads_k)
-      return acc, None
+      return (acc, p), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    acc, _ = jax.lax.scan(backprop, zeros,
-                          (ks, microbatches, d_image, d_text), unroll=unroll)
+    (acc, _), _ = jax.lax.scan(backprop, (zeros, params),
+                               (ks, microbatches, d_image, d_text), unroll=unroll)
 
     # 4. Encoder gradients plus the loss's direct gradients.
     grads = jax.tree.map(

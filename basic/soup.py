@@ -73,15 +73,19 @@ def zeroshot_metric(config, tokenizer_model: bytes) -> Callable[[dict], float]:
   model file of config.tokenizer.kind)."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from basic import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from basic import sharding  # pylint: disable=g-import-not-at-top
   from basic.data import pipeline  # pylint: disable=g-import-not-at-top
+  from basic.evaluate import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
   from basic.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
   from basic.models import DualEncoder  # pylint: disable=g-import-not-at-top
   with tempfile.NamedTemporaryFile(suffix='.model', delete=False) as f:
     f.write(tokenizer_model)
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, f.name, config.data.text_length)
   model, data = DualEncoder(config), pipeline.make_zeroshot_data(config)
-  return lambda params: zeroshot.evaluate(model, params, tokenizer, data,
-                                          config.microbatch_size)['zeroshot/top1']
+  # The soup's parameters live on this process's first device.
+  mesh = sharding.make_mesh({'data': 1, 'model': 1}, jax.devices()[:1])
+  encoders = encoders_lib.Encoders(model, mesh, config.microbatch_size)
+  return lambda params: zeroshot.evaluate(encoders, params, tokenizer, data)['zeroshot/top1']
 
 
 def make_soup(paths: Sequence[str], output: str, method: str = 'uniform',

@@ -131,6 +131,26 @@ def test_uniform_soup_is_the_average(trained_run, tmp_path):
   assert out.restore_config().model.embed_dim == config.model.embed_dim
 
 
+def test_greedy_soup_with_the_zeroshot_metric(trained_run, tmp_path):
+  """The default greedy metric (held-out zero-shot top-1) scores step 6 as training's own
+  evaluation did, and the soup it keeps scores no lower than its best ingredient."""
+  config, workdir = trained_run
+  steps = os.path.join(workdir, 'checkpoints')
+  ckpt = checkpoint_lib.Checkpointer(steps, read_only=True)
+  metric = soup.zeroshot_metric(config, ckpt.restore_tokenizer(6))
+  scores = {step: metric(ckpt.restore_params(step)) for step in (3, 6)}
+  rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  (trained,) = [r['zeroshot/top1'] for r in rows if 'zeroshot/top1' in r and r['step'] == 6]
+  assert abs(scores[6] - trained) <= 1 / 40 + 1e-9    # 40 images: at most one near-tie flips.
+  result = soup.make_soup([os.path.join(steps, '3'), os.path.join(steps, '6')],
+                          str(tmp_path / 'greedy'), method='greedy')
+  best = max(scores, key=lambda s: (scores[s], s == 6))
+  assert result['used'][0] in (os.path.join(steps, '3'), os.path.join(steps, '6'))
+  assert scores[int(os.path.basename(result['used'][0]))] == scores[best]
+  mixed = checkpoint_lib.Checkpointer(str(tmp_path / 'greedy'), read_only=True).restore_params()
+  assert metric(mixed) >= scores[best]
+
+
 def test_greedy_soup_keeps_only_ingredients_that_help():
   trees = [{'w': np.array([0.0, 0.0])}, {'w': np.array([2.0, 2.0])},
            {'w': np.array([1.0, 1.0])}, {'w': np.array([9.0, -9.0])}]

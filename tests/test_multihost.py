@@ -20,10 +20,11 @@ import cpu_devices
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 # Tiny with 4 heads on a (data=4, model=2) mesh: parameters are split over 'model' inside each
-# process, the batch over 'data' across the two processes.
+# process, the batch over 'data' across the two processes. The held-out zero-shot evaluation at
+# the last step runs over the same mesh (each process encodes its share of every batch).
 OVERRIDES = {'batch_size': 32, 'microbatch_size': 16, 'total_steps': STEPS,
              'log_every_steps': 1, 'checkpoint_every_steps': STEPS, 'eval_every_steps': STEPS,
-             'eval.zeroshot': False, 'tokenizer.train_sentences': 2000,
+             'eval.zeroshot': True, 'tokenizer.train_sentences': 2000,
              'model.image.num_heads': 4, 'model.text.num_heads': 4, 'model.image.dropout': 0.1,
              'mesh.data': 4, 'mesh.model': 2}
 
@@ -37,6 +38,12 @@ def _flags(workdir, **extra):
 def _losses(workdir):
   rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+def _zeroshot(workdir):
+  rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  return [{k: v for k, v in r.items() if k.startswith('zeroshot/')}
+          for r in rows if 'zeroshot/top1' in r]
 
 
 def _final_params(workdir):
@@ -76,6 +83,12 @@ def test_two_processes_match_one_process(tmp_path):
   assert sorted(mh_losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([mh_losses[s] for s in sorted(mh_losses)],
                              [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5)
+  # Same evaluation on 2 processes as on 1: 500 held-out images, top-k within 1 image (a
+  # near-tie may flip under the ~1e-6 parameter difference).
+  (ref_eval,), (mh_eval,) = _zeroshot(ref_dir), _zeroshot(mh_dir)
+  assert ref_eval['zeroshot/num_images'] == mh_eval['zeroshot/num_images'] == 500
+  for key in ('zeroshot/top1', 'zeroshot/top5'):
+    assert abs(ref_eval[key] - mh_eval[key]) <= 1 / 500 + 1e-9, (key, ref_eval, mh_eval)
   ref_params, mh_params = _final_params(ref_dir), _final_params(mh_dir)
   assert ref_params.keys() == mh_params.keys()
   for path, value in ref_params.items():

@@ -81,18 +81,24 @@ class Encoders:
     """int32 [n <= local_batch, L] of this host -> float32 [B, d] of the global batch."""
     return np.asarray(self._text_fn(params, self.put(local_tokens)))
 
-  def same_texts(self, params, tokens) -> np.ndarray:
-    """int32 [n, L], the same on every host (prompts) -> float32 [n, d] unit vectors.
-
-    Each global batch is split between the hosts, so every host encodes only its share.
-    """
-    tokens = np.asarray(tokens)
+  def _same(self, encode: Callable, params, rows) -> np.ndarray:
+    """`encode` (self.images or self.texts) of rows that are the same on every host; each
+    global batch is split between the hosts, so every host encodes only its share."""
+    rows = np.asarray(rows)
     index = jax.process_index()
     outs = []
-    for start in range(0, len(tokens), self.batch_size):
-      chunk = tokens[start:start + self.batch_size]
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
       mine = chunk[index * self.local_batch:(index + 1) * self.local_batch]
-      outs.append(self.texts(params, mine)[:len(chunk)])
+      outs.append(encode(params, mine)[:len(chunk)])
     if not outs:
       return np.zeros((0, self.model.config.model.embed_dim), np.float32)
     return np.concatenate(outs)
+
+  def same_texts(self, params, tokens) -> np.ndarray:
+    """int32 [n, L], the same on every host (prompts) -> float32 [n, d] unit vectors."""
+    return self._same(self.texts, params, tokens)
+
+  def same_images(self, params, images) -> np.ndarray:
+    """uint8 [n, S, S, 3], the same on every host -> float32 [n, d] unit vectors."""
+    return self._same(self.images, params, images)

@@ -81,8 +81,8 @@ class Evaluator:
     params = self.place(params)
     if self._synthetic is not None:
       start = time.perf_counter()
-      out = zeroshot.evaluate(self.model, params, tokenizer, self._synthetic,
-                              batch_size=self.config.microbatch_size)
+      out = zeroshot.evaluate(self.encoders(self.config.microbatch_size), params, tokenizer,
+                              self._synthetic)
       _log('zeroshot', step, out, time.perf_counter() - start)
       results.update(out)
     for name, task in _tasks(self.config).items():

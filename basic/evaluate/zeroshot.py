@@ -7,7 +7,7 @@ images are classified by cosine similarity against all classes.
 data set named by a config task (config.eval.tasks, kind='zeroshot'), with its class names,
 templates and an optional class subset (ImageNet-A / -R), on the devices of a mesh.
 """
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,35 +15,6 @@ import numpy as np
 
 from basic.evaluate import datasets
 from basic.evaluate import metadata
-
-def _batched(fn: Callable, x: np.ndarray, batch_size: int) -> np.ndarray:
-  """Applies fn to fixed-size batches (the last one padded) so fn compiles once."""
-  outs = []
-  for i in range(0, len(x), batch_size):
-    chunk = x[i:i + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-    outs.append(np.asarray(fn(chunk))[:batch_size - pad])
-  return np.concatenate(outs)
-
-
-def class_embeddings(encode_text: Callable, tokenize: Callable, class_names: Sequence[str],
-                     templates: Sequence[str], batch_size: int) -> np.ndarray:
-  """-> [num_classes, d] float32 unit vectors.
-
-  encode_text: int32 [B, L] -> [B, d] unit vectors; tokenize: list[str] -> int32 [n, L].
-  """
-  prompts = [t.format(c) for c in class_names for t in templates]
-  emb = _batched(encode_text, tokenize(prompts), batch_size)
-  emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
-  return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-
-
-def encode_images(encode_image: Callable, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """[n, H, W, 3] -> [n, d]."""
-  return _batched(encode_image, images, batch_size)
-
 
 def topk_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
                   ks: Sequence[int] = (1, 5)) -> dict:
@@ -53,15 +24,22 @@ def topk_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarr
   return {k: float(np.mean(np.any(ranked[:, :k] == labels[:, None], axis=1))) for k in ks}
 
 
-def evaluate(model, params, tokenizer, data: dict, batch_size: int) -> dict:
-  """Zero-shot top-1/top-5 of `model` on `data` (images, labels, class_names, templates)."""
-  image_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode_image'))
-  text_fn = jax.jit(lambda p, t: model.apply({'params': p}, t, method='encode_text'))
-  encode_image = lambda x: image_fn(params, x)
-  encode_text = lambda t: text_fn(params, t)
-  classes = class_embeddings(encode_text, tokenizer.encode, data['class_names'],
-                             data['templates'], batch_size)
-  images = encode_images(encode_image, data['images'], batch_size)
+def class_embeddings(encoders, params, tokenizer, class_names: Sequence[str],
+                     templates: Sequence[str]) -> np.ndarray:
+  """-> float32 [num_classes, d] unit vectors: per class, the embeddings of its prompts
+  (template.format(name) for every template) averaged and re-normalised."""
+  prompts = [t.format(c) for c in class_names for t in templates]
+  emb = encoders.same_texts(params, tokenizer.encode(prompts))
+  emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
+  return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+
+def evaluate(encoders, params, tokenizer, data: dict) -> dict:
+  """Zero-shot top-1/top-5 on in-memory `data` (images, labels, class_names, templates), the
+  same on every host (the synthetic held-out split); each host encodes its share of every
+  global batch on the mesh of `encoders` (`basic.evaluate.encoders.Encoders`)."""
+  classes = class_embeddings(encoders, params, tokenizer, data['class_names'], data['templates'])
+  images = encoders.same_images(params, data['images'])
   acc = topk_accuracy(images, classes, np.asarray(data['labels']), ks=(1, 5))
   return {'zeroshot/top1': acc[1], 'zeroshot/top5': acc[5],
           'zeroshot/num_classes': float(len(data['class_names'])),
@@ -162,11 +140,8 @@ def evaluate_task(task_name: str, task, encoders, params, tokenizer, config,
   allowed = np.zeros(len(names), bool)
   allowed[list(subset) if subset is not None else slice(None)] = True
 
-  prompts = [t.format(c) for c in names for t in templates]
-  emb = encoders.same_texts(params, tokenizer.encode(prompts))
-  emb = emb.reshape(len(names), len(templates), -1).mean(axis=1)
-  distinct, class_index = np.unique(emb / np.linalg.norm(emb, axis=-1, keepdims=True), axis=0,
-                                    return_inverse=True)
+  emb = class_embeddings(encoders, params, tokenizer, names, templates)
+  distinct, class_index = np.unique(emb, axis=0, return_inverse=True)
   class_emb = (encoders.replicate(distinct), encoders.replicate(class_index.reshape(-1)))
   allowed_device = encoders.replicate(allowed)
 

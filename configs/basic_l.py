@@ -32,7 +32,7 @@ PLANNED FOR A POD (CHOICE): a TPU v5p-1024 slice (512 chips, 95 GiB HBM each):
   remat 'full' in both towers (each block recomputed in the backward pass).
 - loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss.
 MEASURED (`python -m basic.plan --devices=512`, XLA:CPU estimate; BENCHMARKS.md "BASIC-L plan"):
-60.5 GiB per device, which fits v5p (95 GiB) and not v4 (32 GiB) or v5e (16 GiB). Before the
+58.3 GiB per device, which fits v5p (95 GiB) and not v4 (32 GiB) or v5e (16 GiB). Before the
 text tower constrained its token-embedding output to the data axis (basic/models/text.py,
 `sharding.constrain_batch`) the same plan was 170.0 GiB: FSDP shards the embedding table's width
 over 'data', the lookup's output inherited that, and every device ran the whole text microbatch.

@@ -34,7 +34,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ('state', 'config', 'data', 'tokenizer')
+STATE_ITEM = 'state'
+ITEMS = (STATE_ITEM, 'config', 'data', 'tokenizer')
 # The JSON key of the tokenizer item holding the model file, per tokenizer kind.
 TOKENIZER_KEYS = {'sentencepiece': 'sentencepiece_model_base64',
                   'clip_bpe': 'clip_bpe_merges_base64'}
@@ -168,11 +169,20 @@ class Checkpointer:
     self._manager.reload()
 
   def restore_params(self, step: Optional[int] = None):
-    """The parameters saved at `step` (default latest), as saved, without a template.
+    """The parameters saved at `step` (default latest), whole, on this process's first device.
 
-    Works for training checkpoints and for params-only ones (soups, conversions).
+    Works for training checkpoints and for params-only ones (soups, conversions), and in
+    multi-process runs: every process reads every array onto one of its own devices (restoring
+    "as saved" would place each array on the devices that wrote it, which other processes
+    cannot address). Callers re-shard them (e.g. `jax.device_put` onto a mesh).
     """
-    return self.restore(None, step)['params']
+    step = self._step(step)
+    metadata = ocp.StandardCheckpointer().metadata(
+        epath.Path(self.directory) / str(step) / STATE_ITEM).item_metadata.tree
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    template = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                            metadata)
+    return self.restore(template, step)['params']
 
   def restore_config(self, step: Optional[int] = None) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(self._restore_json('config', step))

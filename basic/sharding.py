@@ -73,6 +73,17 @@ def global_batch(local_batch, mesh: Mesh):
                       local_batch)
 
 
+def put_whole(tree, shardings):
+  """Arrays whose whole value every process holds (e.g. a checkpoint's parameters restored on
+  each host, `Checkpointer.restore_params`) -> global jax.Arrays with `shardings` (a matching
+  tree): each process fills its own devices' shards from its copy. Unlike `jax.device_put`,
+  this needs no cross-host transfer."""
+  def put(x, sharding):
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.tree.map(put, tree, shardings)
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter and optimiser-state shardings from `config.sharding`.
 #
@@ -253,6 +264,13 @@ def sharding_config_specs(params, mesh: Mesh, sharding_config):
       params, tuple(sharding_config.get('rules', ())), mesh,
       fsdp=bool(sharding_config.get('fsdp', False)),
       fsdp_min_size=int(sharding_config.get('fsdp_min_size', 2**18)))
+
+
+def param_shardings(params, mesh: Mesh, sharding_config):
+  """NamedShardings of `params` per `config.sharding` (a tree like `params`)."""
+  specs = sharding_config_specs(params, mesh, sharding_config)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda s: isinstance(s, P))
 
 
 def state_shardings(abstract_state, mesh: Mesh, config):

@@ -236,7 +236,7 @@ def params_from_checkpoint(path: str, params):
     raise FileNotFoundError(f'config.init_from={path!r}: no checkpoint there.')
   loaded = posemb.adapt_params(ckpt.restore_params(step), params)
   ckpt.close()
-  return jax.tree.map(lambda x, p: jax.device_put(x, p.sharding), loaded, params)
+  return sharding.put_whole(loaded, jax.tree.map(lambda p: p.sharding, params))
 
 
 def _data_state(position, dropped, skipped, rng) -> dict:

@@ -1,4 +1,10 @@
-"""basic.evaluate.retrieval: ranks with ties against a brute-force reference; a TFDS task."""
+"""basic.evaluate.retrieval: ranks with ties against a brute-force reference; a TFDS task; the
+evaluators on two processes."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -12,6 +18,7 @@ from basic.evaluate import retrieval
 from basic.evaluate import run
 from basic.evaluate import tasks
 from basic.models import DualEncoder
+from launch import local as launch_local
 
 
 def brute_force_ranks(query_emb, candidate_emb, query_ids, candidate_ids):
@@ -123,3 +130,76 @@ def test_caption_key_errors_name_the_field(setup):
   config.eval.tasks.t.caption_key = 'id'
   with pytest.raises(ValueError, match="caption_key='id': a Tensor feature, not Text"):
     run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+
+
+# Runs every kind of evaluator (the synthetic held-out zero-shot, a TFDS zero-shot task, a TFDS
+# retrieval task) on the mesh of all devices and prints the results. argv: JSON of the run's
+# workdir, the two data sets, the coordinator address ('' = one process), processes, process id.
+_EVAL_WORKER = r'''
+import json, sys
+args = json.loads(sys.argv[1])
+from basic import multihost
+if args['coordinator']:
+  multihost.initialize(args['coordinator'], args['num_processes'], args['process_id'])
+import jax
+from basic import inference
+from basic.evaluate import run, tasks
+from basic.models import DualEncoder
+loaded = inference.load(args['workdir'])
+config = loaded.config
+config.eval.zeroshot = True
+# Uneven host shares: 23 labelled images -> 12 + 11, 19 captioned ones -> 10 + 9 (local batch 4).
+config.eval.tasks.labels = tasks.zeroshot_task(
+    tfds_name=args['labels'], data_dir=args['labels_dir'], split='test[:23]', class_names='',
+    templates='synthetic', batch_size=8)
+config.eval.tasks.captions = tasks.retrieval_task(
+    tfds_name=args['captions'], data_dir=args['captions_dir'], split='train[:19]', batch_size=8)
+results = run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+print('RESULTS', jax.process_index(), jax.device_count(), json.dumps(results, sort_keys=True))
+'''
+
+
+def _results(stdout: str) -> dict:
+  """{process index: (global devices, results)} from the workers' RESULTS lines."""
+  out = {}
+  for line in stdout.splitlines():
+    if 'RESULTS ' in line:
+      index, devices, results = line.split('RESULTS ', 1)[1].split(' ', 2)
+      out[int(index)] = (int(devices), json.loads(results))
+  return out
+
+
+def test_two_processes_evaluate_like_one(setup, tmp_path_factory):
+  """2 processes x 2 CPU devices (jax.distributed, gloo) give exactly the results of 1 process
+  x 4 devices, on every host, with uneven host shares of the TFDS splits."""
+  config, captions_dir, captions, loaded = setup
+  del config, loaded
+  labels_dir = str(tmp_path_factory.mktemp('tfds_labels'))
+  labels = eval_helpers.prepare(eval_helpers.BasicTestLabels, labels_dir)
+  workdir = eval_helpers.trained_run(tmp_path_factory)[1]
+  args = dict(workdir=workdir, labels=labels, labels_dir=labels_dir, captions=captions,
+              captions_dir=captions_dir, coordinator='', num_processes=1, process_id=0)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(launch_local.__file__)))
+  one = subprocess.run([sys.executable, '-c', _EVAL_WORKER, json.dumps(args)],
+                       env=launch_local.process_env(4), cwd=repo, capture_output=True, text=True,
+                       timeout=600)
+  assert one.returncode == 0, one.stderr[-5000:]
+  coordinator = f'127.0.0.1:{launch_local.free_port()}'
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _EVAL_WORKER,
+       json.dumps({**args, 'coordinator': coordinator, 'num_processes': 2, 'process_id': i})],
+      env=launch_local.process_env(2), cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-5000:]
+
+  (reference_devices, reference), = _results(one.stdout).values()
+  assert reference_devices == 4
+  assert reference['labels/num_images'] == 23 and reference['captions/num_images'] == 19
+  assert reference['captions/num_texts'] == 19 * data_helpers.NUM_CAPTIONS
+  assert reference['zeroshot/num_images'] > 0
+  for index, (stdout, _) in enumerate(outs):
+    devices, results = _results(stdout)[index]
+    assert devices == 4
+    assert results == reference, (index, results, reference)

@@ -14,7 +14,6 @@ from typing import Optional
 
 from absl import logging
 import jax
-from jax.sharding import NamedSharding
 
 from basic import config_lib
 from basic import inference
@@ -72,8 +71,8 @@ class Evaluator:
     leaves = jax.tree.leaves(params)
     if all(isinstance(x, jax.Array) and set(x.sharding.device_set) == devices for x in leaves):
       return params
-    specs = sharding.sharding_config_specs(params, self.mesh, self.config.get('sharding'))
-    return jax.device_put(params, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs))
+    return sharding.put_whole(
+        params, sharding.param_shardings(params, self.mesh, self.config.get('sharding')))
 
   def __call__(self, params, tokenizer, *, step: Optional[int] = None) -> dict[str, float]:
     """-> {metric name: value} of every evaluator of the config (same on every host)."""

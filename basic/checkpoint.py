@@ -177,8 +177,12 @@ class Checkpointer:
     cannot address). Callers re-shard them (e.g. `jax.device_put` onto a mesh).
     """
     step = self._step(step)
-    metadata = ocp.StandardCheckpointer().metadata(
-        epath.Path(self.directory) / str(step) / STATE_ITEM).item_metadata.tree
+    reader = ocp.StandardCheckpointer()
+    try:
+      metadata = reader.metadata(
+          epath.Path(self.directory) / str(step) / STATE_ITEM).item_metadata.tree
+    finally:
+      reader.close()
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     template = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
                             metadata)

@@ -174,7 +174,7 @@ class Checkpointer:
     Works for training checkpoints and for params-only ones (soups, conversions), and in
     multi-process runs: every process reads every array onto one of its own devices (restoring
     "as saved" would place each array on the devices that wrote it, which other processes
-    cannot address). Callers re-shard them (e.g. `jax.device_put` onto a mesh).
+    cannot address). Callers place them on a mesh with `basic.sharding.put_whole`.
     """
     step = self._step(step)
     reader = ocp.StandardCheckpointer()

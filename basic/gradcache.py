@@ -29,7 +29,8 @@ step 1 and again in step 3), plus the embeddings and their cotangents (about
 loss from `basic.contrastive`, about 3*4*c*N bytes), plus the activations of
 ONE microbatch of m examples. Nothing is N x N and no activations of the full
 batch exist. With FSDP-sharded parameters, each microbatch gathers the weights
-it needs again (the loops keep the parameters out of loop-invariant hoisting). The cost is one extra forward pass: about 4/3 of a plain step.
+it needs again (the loops keep the parameters out of loop-invariant hoisting).
+The cost is one extra forward pass: about 4/3 of a plain step.
 
 Microbatch layout. Microbatch k is the strided set of examples
 {i : i % K == k}, i.e. `x.reshape(m, K, ...).swapaxes(0, 1)`. When the batch

@@ -66,8 +66,7 @@ class Encoders:
 
   def replicate(self, value: np.ndarray) -> jax.Array:
     """An array with the same value on every host -> a jax.Array replicated over the mesh."""
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, self.replicated, lambda index: value[index])
+    return sharding.put_whole(value, self.replicated)
 
   def gather(self, local) -> np.ndarray:
     """This host's rows [n <= local_batch, ...] -> every host's rows [B, ...] (zero-padded)."""

@@ -35,13 +35,11 @@ def _flags(workdir, **extra):
       f'--config.{k}={v}' for k, v in items.items()]
 
 
-def _losses(workdir):
-  rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+def _losses(rows):
   return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
 
 
-def _zeroshot(workdir):
-  rows = metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+def _zeroshot(rows):
   return [{k: v for k, v in r.items() if k.startswith('zeroshot/')}
           for r in rows if 'zeroshot/top1' in r]
 
@@ -79,13 +77,15 @@ def test_two_processes_match_one_process(tmp_path):
   assert multi.returncode == 0, multi.stdout[-8000:]
   assert 'process 1 of 2' in multi.stdout and '[1] ' in multi.stdout
 
-  ref_losses, mh_losses = _losses(ref_dir), _losses(mh_dir)
+  ref_rows, mh_rows = (metric_writers.read_jsonl(os.path.join(d, 'metrics.jsonl'))
+                      for d in (ref_dir, mh_dir))
+  ref_losses, mh_losses = _losses(ref_rows), _losses(mh_rows)
   assert sorted(mh_losses) == sorted(ref_losses) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([mh_losses[s] for s in sorted(mh_losses)],
                              [ref_losses[s] for s in sorted(ref_losses)], rtol=1e-5)
   # Same evaluation on 2 processes as on 1: 500 held-out images, top-k within 1 image (a
   # near-tie may flip under the ~1e-6 parameter difference).
-  (ref_eval,), (mh_eval,) = _zeroshot(ref_dir), _zeroshot(mh_dir)
+  (ref_eval,), (mh_eval,) = _zeroshot(ref_rows), _zeroshot(mh_rows)
   assert ref_eval['zeroshot/num_images'] == mh_eval['zeroshot/num_images'] == 500
   for key in ('zeroshot/top1', 'zeroshot/top5'):
     assert abs(ref_eval[key] - mh_eval[key]) <= 1 / 500 + 1e-9, (key, ref_eval, mh_eval)

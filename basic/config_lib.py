@@ -8,6 +8,7 @@ import re
 
 import ml_collections
 
+from basic import contrastive
 from basic import optim
 from basic import tokenizer as tokenizer_lib
 from basic.data import pipeline
@@ -141,14 +142,24 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
           f'not divisible by the number of data-parallel devices ({num_data_devices}).')
   if _choice(config, 'loss', LOSSES) == 'sigmoid':
     _get(config, 'model.bias_init')
-  _int(config, 'loss_chunk_size', 0)
+  if _int(config, 'loss_chunk_size', -1) == -1:
+    _positive(config, 'loss_chunk_budget_mib')
+  for field, choices in (('loss_sharding', ('sharded', 'replicated')),
+                         ('loss_precision', tuple(contrastive.PRECISIONS))):
+    if field in config:   # Absent (configs saved by older versions): 'sharded', 'highest'.
+      _choice(config, field, choices)
   _int(config, 'gradcache_unroll', 1)
+  if 'peak_flops_per_device' in config:   # Absent (configs saved by older versions): 0.
+    peak = config.peak_flops_per_device
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak < 0:
+      _fail('peak_flops_per_device', peak, 'must be a number >= 0 (FLOP/s; 0 = unknown).')
   for field in ('total_steps', 'log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
     _int(config, field, 1)
   _int(config, 'keep_checkpoint_every_steps', 0)
   _choice(config, 'on_nonfinite', ('stop', 'skip'))
   _int(config, 'debug_nan_at_step', 0)
+  _validate_failure_fields(config)
   if not isinstance(_get(config, 'init_from'), str):
     _fail('init_from', config.init_from, 'must be a path (str); empty for none.')
   _int(config, 'seed', 0)
@@ -230,6 +241,36 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if 'sharding' in config:
     _validate_sharding(config)
   return config
+
+
+# Failure handling and fault injection (basic/failures.py, basic/workdir_lock.py): the values of
+# configs/tiny.py, for configs saved by older versions that lack these fields (`failure_field`).
+FAILURE_DEFAULTS = {
+    'shutdown_timeout_s': 20, 'peer_poll_s': 1.0, 'distributed_heartbeat_timeout_s': 100,
+    'workdir_lock_heartbeat_s': 30, 'workdir_lock_stale_s': 300,
+    'debug_raise_at_step': 0, 'debug_raise_process': -1, 'debug_fail_checkpoint_at_step': 0,
+}
+
+
+def failure_field(config, name: str):
+  """config[name], or FAILURE_DEFAULTS[name] when a config (saved by an older version) lacks it."""
+  return config[name] if name in config else FAILURE_DEFAULTS[name]
+
+
+def _validate_failure_fields(config):
+  for name in ('shutdown_timeout_s', 'peer_poll_s', 'distributed_heartbeat_timeout_s',
+               'workdir_lock_heartbeat_s', 'workdir_lock_stale_s'):
+    if name in config:
+      _positive(config, name)
+  for name in ('debug_raise_at_step', 'debug_fail_checkpoint_at_step'):
+    if name in config:
+      _int(config, name, 0)
+  if 'debug_raise_process' in config:
+    _int(config, 'debug_raise_process', -1)
+  stale, beat = (failure_field(config, f'workdir_lock_{x}_s') for x in ('stale', 'heartbeat'))
+  if stale < 2 * beat:
+    _fail('workdir_lock_stale_s', stale, f'must be at least twice '
+          f'config.workdir_lock_heartbeat_s={beat} (a live run would look stale).')
 
 
 def _validate_sharding(config):
@@ -397,3 +438,78 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
     else:
       out[name] = value
   return out
+
+
+# --- Resuming with a changed config. -------------------------------------------------------------
+# How a field may differ between the config saved in a checkpoint and the config of the run that
+# resumes from it. (fnmatch pattern on the dotted field name, rule); the first match wins.
+# FIXED: the field shapes the train state or gives the data stream (and its saved position) its
+# meaning; a change fails before anything is compiled (`resume_diff`). ALLOWED: the change is
+# logged and the run continues (schedule / optimiser hyper-parameters, cadences, evaluation,
+# execution strategy: microbatch_size, chunking, mesh and sharding, since checkpoints reshard;
+# data paths, which may move). Fields absent on one side (configs of older versions) are
+# logged, never fatal.
+FIXED, ALLOWED = 'fixed', 'allowed'
+RESUME_RULES = (
+    ('model.*.remat', ALLOWED),        # memory / recomputation only.
+    ('model.*', FIXED),                # parameter shapes and the function they compute.
+    ('batch_size', FIXED),             # the contrastive task and the stream's step -> examples.
+    ('loss', FIXED),                   # 'sigmoid' adds the bias parameter.
+    ('seed', FIXED),
+    ('optimizer.name', FIXED),         # optimiser state structure.
+    ('optimizer.factored', FIXED),
+    ('tokenizer.model_path', ALLOWED),     # a moved file; its bytes are compared with the
+    ('tokenizer.train_sentences', ALLOWED),  # checkpoint's tokenizer (basic.train).
+    ('tokenizer.*', FIXED),
+    ('data.tfrecord_pattern', ALLOWED),  # paths that may move.
+    ('data.data_dir', ALLOWED),
+    ('data.threads', ALLOWED),         # throughput only.
+    ('data.prefetch', ALLOWED),
+    ('data.cache', ALLOWED),
+    ('data.augment.*', ALLOWED),
+    ('data.text_mask.*', ALLOWED),
+    ('data.*', FIXED),                 # source, image_size, text_length, seed, order, keys ...
+    ('*', ALLOWED),                    # steps, schedule, cadences, eval, mesh, sharding, ...
+)
+
+
+def resume_rule(field: str) -> str:
+  """FIXED or ALLOWED for a dotted field name, per RESUME_RULES."""
+  import fnmatch  # pylint: disable=g-import-not-at-top
+  return next(rule for pattern, rule in RESUME_RULES if fnmatch.fnmatchcase(field, pattern))
+
+
+def _plain(config) -> dict:
+  """A ConfigDict or dict -> a flat {dotted name: JSON value} (tuples as lists)."""
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  tree = json.loads(json.dumps(tree, default=list))
+  out = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict) and value:
+        walk(value, f'{prefix}{key}.')
+      else:
+        out[f'{prefix}{key}'] = value
+  walk(tree, '')
+  return out
+
+
+def resume_diff(saved, config) -> dict:
+  """Compares the config saved in a checkpoint with the config of the run resuming from it.
+
+  Returns {'allowed': [(field, old, new)], 'added': [...], 'removed': [...]} for the caller to
+  log; raises ConfigError naming every changed FIXED field with its old and new value.
+  """
+  old, new = _plain(saved), _plain(config)
+  changed = [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+  fixed = [c for c in changed if resume_rule(c[0]) == FIXED]
+  if fixed:
+    raise ConfigError(
+        'Cannot resume from the checkpoint with a changed ' + '; '.join(
+            f'config.{k}: {a!r} in the checkpoint, {b!r} now' for k, a, b in fixed) +
+        '. These fields shape the train state or the data stream (basic/config_lib.py '
+        'RESUME_RULES): restore the old values, use another --workdir, or start a new run from '
+        'this one with --config.init_from.')
+  return {'allowed': [c for c in changed if resume_rule(c[0]) == ALLOWED],
+          'added': sorted(new.keys() - old.keys()), 'removed': sorted(old.keys() - new.keys())}

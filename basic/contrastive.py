@@ -40,17 +40,29 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+# config.loss_precision -> the precision of the logits matmuls (and of their gradients). On TPU an
+# f32 matmul at 'highest' costs several bf16 MXU passes ('high': 3, 'default': 1); on CPU all
+# three are full f32. BENCHMARKS.md ("Loss precision") gives the measured errors of each.
+PRECISIONS = {'highest': jax.lax.Precision.HIGHEST, 'high': jax.lax.Precision.HIGH,
+              'default': jax.lax.Precision.DEFAULT}
+_HIGHEST = 'highest'
 
 
-def _matmul(a, b):
-  """a @ b in float32 at full precision."""
-  return jnp.matmul(a, b, precision=_HIGHEST)
+def precision_of(name: str) -> jax.lax.Precision:
+  """'highest' | 'high' | 'default' -> jax.lax.Precision; ValueError naming the choices."""
+  if name not in PRECISIONS:
+    raise ValueError(f'precision={name!r}: expected one of {tuple(PRECISIONS)}.')
+  return PRECISIONS[name]
 
 
-def _pairwise_logits(image_emb, text_emb, temperature):
+def _matmul(a, b, precision=_HIGHEST):
+  """a @ b in float32 at `precision` (a key of PRECISIONS; full f32 by default)."""
+  return jnp.matmul(a, b, precision=PRECISIONS[precision])
+
+
+def _pairwise_logits(image_emb, text_emb, temperature, precision=_HIGHEST):
   """(n, d) x (N, d) -> (n, N) logits `image_emb @ text_emb.T / temperature`."""
-  return _matmul(image_emb, text_emb.T) / temperature
+  return _matmul(image_emb, text_emb.T, precision) / temperature
 
 
 def _diagonal_logits(image_emb, text_emb, temperature):
@@ -98,17 +110,17 @@ def _is_diagonal(rows, n):
 # ----------------------------------------------------------------------------
 
 
-def _softmax_loss_reference(image_emb, text_emb, temperature):
+def _softmax_loss_reference(image_emb, text_emb, temperature, precision=_HIGHEST):
   """Builds the (N, N) logits; float32 scalar."""
   image_emb, text_emb, temperature = _to_f32(image_emb, text_emb, temperature)
-  logits = _pairwise_logits(image_emb, text_emb, temperature)
+  logits = _pairwise_logits(image_emb, text_emb, temperature, precision)
   diag = jnp.diagonal(logits)
   image_to_text = jax.nn.logsumexp(logits, axis=1) - diag
   text_to_image = jax.nn.logsumexp(logits, axis=0) - diag
   return (jnp.mean(image_to_text) + jnp.mean(text_to_image)) / 2
 
 
-def _row_logsumexp(queries, keys, temperature, chunk):
+def _row_logsumexp(queries, keys, temperature, chunk, precision):
   """Per-row log-sum-exp of `queries @ keys.T / temperature`, c rows at a time.
 
   Args:
@@ -116,6 +128,7 @@ def _row_logsumexp(queries, keys, temperature, chunk):
     keys: (N, d) float32, always used whole.
     temperature: () float32.
     chunk: rows per chunk, c.
+    precision: a key of PRECISIONS.
 
   Returns:
     (N,) float32.
@@ -125,27 +138,27 @@ def _row_logsumexp(queries, keys, temperature, chunk):
   q = _split_rows(queries, chunk, num_chunks)
   lse = jax.lax.map(
       lambda qk: jax.nn.logsumexp(
-          _pairwise_logits(qk, keys, temperature), axis=1), q)
+          _pairwise_logits(qk, keys, temperature, precision), axis=1), q)
   return lse.reshape(-1)[:n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _softmax_loss_chunked(image_emb, text_emb, temperature, chunk):
-  loss, _ = _softmax_loss_chunked_fwd(image_emb, text_emb, temperature, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _softmax_loss_chunked(image_emb, text_emb, temperature, chunk, precision):
+  loss, _ = _softmax_loss_chunked_fwd(image_emb, text_emb, temperature, chunk, precision)
   return loss
 
 
-def _softmax_loss_chunked_fwd(image_emb, text_emb, temperature, chunk):
+def _softmax_loss_chunked_fwd(image_emb, text_emb, temperature, chunk, precision):
   x, y, t = _to_f32(image_emb, text_emb, temperature)
   n = x.shape[0]
-  row_lse = _row_logsumexp(x, y, t, chunk)  # (N,) over texts, per image.
-  col_lse = _row_logsumexp(y, x, t, chunk)  # (N,) over images, per text.
+  row_lse = _row_logsumexp(x, y, t, chunk, precision)  # (N,) over texts, per image.
+  col_lse = _row_logsumexp(y, x, t, chunk, precision)  # (N,) over images, per text.
   diag = _diagonal_logits(x, y, t)
   loss = (jnp.sum(row_lse) + jnp.sum(col_lse) - 2 * jnp.sum(diag)) / (2 * n)
   return loss, (image_emb, text_emb, temperature, row_lse, col_lse)
 
 
-def _softmax_loss_chunked_bwd(chunk, residuals, g):
+def _softmax_loss_chunked_bwd(chunk, precision, residuals, g):
   image_emb, text_emb, temperature, row_lse, col_lse = residuals
   x, y, t = _to_f32(image_emb, text_emb, temperature)
   n = x.shape[0]
@@ -156,13 +169,13 @@ def _softmax_loss_chunked_bwd(chunk, residuals, g):
   def step(carry, xs):
     d_y, d_t = carry
     x_k, lse_k, rows_k, valid_k = xs
-    logits = _pairwise_logits(x_k, y, t)  # (c, N)
+    logits = _pairwise_logits(x_k, y, t, precision)  # (c, N)
     d_logits = (jnp.exp(logits - lse_k[:, None])
                 + jnp.exp(logits - col_lse[None, :])
                 - 2 * _is_diagonal(rows_k, n))
     d_logits = jnp.where(valid_k[:, None], d_logits * scale, 0.)
-    d_x_k = _matmul(d_logits, y) / t  # (c, d)
-    d_y = d_y + _matmul(d_logits.T, x_k) / t  # (N, d)
+    d_x_k = _matmul(d_logits, y, precision) / t  # (c, d)
+    d_y = d_y + _matmul(d_logits.T, x_k, precision) / t  # (N, d)
     d_t = d_t - jnp.sum(d_logits * logits) / t
     return (d_y, d_t), d_x_k
 
@@ -183,7 +196,8 @@ def softmax_loss(image_emb: jax.Array,
                  text_emb: jax.Array,
                  temperature,
                  *,
-                 chunk_size: Optional[int] = None) -> jax.Array:
+                 chunk_size: Optional[int] = None,
+                 precision: str = 'highest') -> jax.Array:
   """Symmetric InfoNCE loss of N matching (image, text) pairs.
 
   loss = (CE(image -> text) + CE(text -> image)) / 2, each cross-entropy the
@@ -197,16 +211,19 @@ def softmax_loss(image_emb: jax.Array,
     chunk_size: None or 0 for the reference that builds the (N, N) logits;
       c > 0 for the chunked version (same value and gradients, O(c*N) memory;
       c need not divide N).
+    precision: 'highest' (default) | 'high' | 'default', the precision of the
+      logits matmuls and of their gradients (PRECISIONS).
 
   Returns:
     () float32 loss.
   """
   _check_inputs(image_emb, text_emb)
+  precision_of(precision)
   temperature = jnp.asarray(temperature)
   if not chunk_size:
-    return _softmax_loss_reference(image_emb, text_emb, temperature)
+    return _softmax_loss_reference(image_emb, text_emb, temperature, precision)
   return _softmax_loss_chunked(image_emb, text_emb, temperature,
-                               int(chunk_size))
+                               int(chunk_size), precision)
 
 
 # ----------------------------------------------------------------------------
@@ -219,23 +236,23 @@ def _pair_labels(rows, n):
   return jnp.where(_is_diagonal(rows, n), 1., -1.)
 
 
-def _sigmoid_loss_reference(image_emb, text_emb, temperature, bias):
+def _sigmoid_loss_reference(image_emb, text_emb, temperature, bias, precision=_HIGHEST):
   """Builds the (N, N) logits; float32 scalar."""
   x, y, t, b = _to_f32(image_emb, text_emb, temperature, bias)
   n = x.shape[0]
-  logits = _pairwise_logits(x, y, t) + b
+  logits = _pairwise_logits(x, y, t, precision) + b
   labels = _pair_labels(jnp.arange(n), n)
   return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / n
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _sigmoid_loss_chunked(image_emb, text_emb, temperature, bias, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sigmoid_loss_chunked(image_emb, text_emb, temperature, bias, chunk, precision):
   loss, _ = _sigmoid_loss_chunked_fwd(image_emb, text_emb, temperature, bias,
-                                      chunk)
+                                      chunk, precision)
   return loss
 
 
-def _sigmoid_loss_chunked_fwd(image_emb, text_emb, temperature, bias, chunk):
+def _sigmoid_loss_chunked_fwd(image_emb, text_emb, temperature, bias, chunk, precision):
   x, y, t, b = _to_f32(image_emb, text_emb, temperature, bias)
   n = x.shape[0]
   chunk, num_chunks = _chunking(n, chunk)
@@ -243,7 +260,7 @@ def _sigmoid_loss_chunked_fwd(image_emb, text_emb, temperature, bias, chunk):
 
   def chunk_sum(xs):
     x_k, rows_k, valid_k = xs
-    logits = _pairwise_logits(x_k, y, t) + b  # (c, N)
+    logits = _pairwise_logits(x_k, y, t, precision) + b  # (c, N)
     terms = jax.nn.log_sigmoid(_pair_labels(rows_k, n) * logits)
     return jnp.sum(jnp.where(valid_k[:, None], terms, 0.))
 
@@ -253,7 +270,7 @@ def _sigmoid_loss_chunked_fwd(image_emb, text_emb, temperature, bias, chunk):
   return loss, (image_emb, text_emb, temperature, bias)
 
 
-def _sigmoid_loss_chunked_bwd(chunk, residuals, g):
+def _sigmoid_loss_chunked_bwd(chunk, precision, residuals, g):
   image_emb, text_emb, temperature, bias = residuals
   x, y, t, b = _to_f32(image_emb, text_emb, temperature, bias)
   n = x.shape[0]
@@ -264,13 +281,13 @@ def _sigmoid_loss_chunked_bwd(chunk, residuals, g):
   def step(carry, xs):
     d_y, d_t, d_b = carry
     x_k, rows_k, valid_k = xs
-    logits = _pairwise_logits(x_k, y, t)  # (c, N), without the bias.
+    logits = _pairwise_logits(x_k, y, t, precision)  # (c, N), without the bias.
     labels = _pair_labels(rows_k, n)
     # d/ds of -log_sigmoid(z * s) is -z * sigmoid(-z * s).
     d_logits = -labels * jax.nn.sigmoid(-labels * (logits + b))
     d_logits = jnp.where(valid_k[:, None], d_logits * scale, 0.)
-    d_x_k = _matmul(d_logits, y) / t  # (c, d)
-    d_y = d_y + _matmul(d_logits.T, x_k) / t  # (N, d)
+    d_x_k = _matmul(d_logits, y, precision) / t  # (c, d)
+    d_y = d_y + _matmul(d_logits.T, x_k, precision) / t  # (N, d)
     d_t = d_t - jnp.sum(d_logits * logits) / t
     d_b = d_b + jnp.sum(d_logits)
     return (d_y, d_t, d_b), d_x_k
@@ -293,7 +310,8 @@ def sigmoid_loss(image_emb: jax.Array,
                  temperature,
                  bias,
                  *,
-                 chunk_size: Optional[int] = None) -> jax.Array:
+                 chunk_size: Optional[int] = None,
+                 precision: str = 'highest') -> jax.Array:
   """SigLIP loss of N matching (image, text) pairs.
 
   loss = -(1/N) sum_ij log_sigmoid(z_ij * (image_emb_i . text_emb_j
@@ -307,14 +325,16 @@ def sigmoid_loss(image_emb: jax.Array,
     chunk_size: None or 0 for the reference that builds the (N, N) logits;
       c > 0 for the chunked version (same value and gradients, O(c*N) memory;
       c need not divide N).
+    precision: 'highest' (default) | 'high' | 'default' (PRECISIONS).
 
   Returns:
     () float32 loss.
   """
   _check_inputs(image_emb, text_emb)
+  precision_of(precision)
   temperature = jnp.asarray(temperature)
   bias = jnp.asarray(bias)
   if not chunk_size:
-    return _sigmoid_loss_reference(image_emb, text_emb, temperature, bias)
+    return _sigmoid_loss_reference(image_emb, text_emb, temperature, bias, precision)
   return _sigmoid_loss_chunked(image_emb, text_emb, temperature, bias,
-                               int(chunk_size))
+                               int(chunk_size), precision)

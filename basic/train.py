@@ -27,12 +27,16 @@ import optax
 from basic import checkpoint as checkpoint_lib
 from basic import config_lib
 from basic import contrastive
+from basic import contrastive_sharded
+from basic import flops as flops_lib
+from basic import failures
 from basic import gradcache
 from basic import metric_writers
 from basic import multihost
 from basic import optim
 from basic import sharding
 from basic import tokenizer as tokenizer_lib
+from basic import workdir_lock
 from basic.data import pipeline
 from basic.data import tf_setup
 from basic.evaluate import run as evaluate_run
@@ -66,23 +70,82 @@ class TrainState:
   opt_state: Any
 
 
+def loss_axes(config, mesh=None) -> tuple:
+  """The mesh axes the contrastive loss's rows are split over; () = not sharded.
+
+  With config.loss_sharding == 'sharded' (absent = 'sharded') and a mesh of more than one
+  device: 'data' first, then the other axes of size > 1 in mesh order, as long as their device
+  count divides config.batch_size (else 'data' alone). The embeddings arrive split over 'data'
+  and replicated over the other axes, so splitting their rows further is a local slice.
+  """
+  if mesh is None or config.get('loss_sharding', 'sharded') == 'replicated':
+    return ()
+  names = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+  axes = tuple(sorted(names, key=lambda a: a != sharding.DATA_AXIS))
+  if axes and config.batch_size % int(np.prod([mesh.shape[a] for a in axes])):
+    axes = (sharding.DATA_AXIS,) if sharding.DATA_AXIS in axes else ()
+  return axes
+
+
+def loss_chunk_size(config, mesh=None) -> int:
+  """c, the rows of one c x N logit block on each device (0: the unchunked N x N reference).
+
+  config.loss_chunk_size: c > 0 as given (at most the rows a device holds); 0 the unchunked loss
+  (with a sharded loss: one n x N block per device, n = N / P); -1 automatic, the largest c
+  whose three float32 c x N buffers (logits, probabilities, their product with the cotangent)
+  fit config.loss_chunk_budget_mib, a multiple of 128 (or of 8 below 128), at most n, at
+  least 1. So no batch size builds an N x N array unless asked for with 0.
+  """
+  n_global = config.batch_size
+  axes = loss_axes(config, mesh)
+  rows = n_global // (int(np.prod([mesh.shape[a] for a in axes])) if axes else 1)
+  c = config.loss_chunk_size
+  if c == 0:
+    return rows if axes else 0
+  if c > 0:
+    return min(c, rows)
+  c = int(config.loss_chunk_budget_mib * 2**20 // (3 * 4 * n_global))
+  if c < rows:
+    c = c // 128 * 128 if c >= 128 else max(8 * (c // 8), 1)
+  return max(1, min(c, rows))
+
+
 def make_loss_fn(config, mesh=None):
   """-> loss_fn(params, image_emb [N, d], text_emb [N, d]) -> scalar, per `config.loss`.
 
-  With a `mesh`, the embeddings are first gathered over the batch axis (replicated on every
-  device), so the loss is the global-batch contrastive loss over all N pairs, as in BASIC.
+  The global-batch contrastive loss over all N pairs, as in BASIC. With a mesh of more than one
+  device (and config.loss_sharding = 'sharded', the default) the loss is sharded
+  (basic.contrastive_sharded): each device takes its N / P rows against all N columns, so no
+  device repeats another's N x N work. With 'replicated' (or no mesh) the embeddings are gathered
+  on every device and each computes the whole loss (basic.contrastive), the reference.
+  config.loss_precision ('highest' | 'high' | 'default') sets the logits matmuls' precision; the
+  chunk is `loss_chunk_size(config, mesh)`.
   """
-  chunk = config.loss_chunk_size or None
+  axes = loss_axes(config, mesh)
+  chunk = loss_chunk_size(config, mesh)
+  precision = config.get('loss_precision', 'highest')
+  num_shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  logging.info('Loss: %s over %s, %d rows per device in blocks of c=%d (c x N = %.1f MiB float32'
+               '), precision %s.', config.loss,
+               f'mesh axes {axes} ({num_shards} devices)' if axes else 'one device (replicated)',
+               config.batch_size // num_shards, chunk or config.batch_size,
+               (chunk or config.batch_size) * config.batch_size * 4 / 2**20, precision)
 
   def loss_fn(params, image_emb, text_emb):
+    temperature = temperature_from_params(params, config)
+    if axes:
+      kw = dict(mesh=mesh, axes=axes, chunk_size=chunk, precision=precision)
+      if config.loss == 'softmax':
+        return contrastive_sharded.softmax_loss(image_emb, text_emb, temperature, **kw)
+      return contrastive_sharded.sigmoid_loss(image_emb, text_emb, temperature, params['bias'],
+                                              **kw)
     if mesh is not None:
       image_emb, text_emb = jax.lax.with_sharding_constraint(
           (image_emb, text_emb), sharding.replicated(mesh))
-    temperature = temperature_from_params(params, config)
+    kw = dict(chunk_size=chunk or None, precision=precision)
     if config.loss == 'softmax':
-      return contrastive.softmax_loss(image_emb, text_emb, temperature, chunk_size=chunk)
-    return contrastive.sigmoid_loss(image_emb, text_emb, temperature, params['bias'],
-                                    chunk_size=chunk)
+      return contrastive.softmax_loss(image_emb, text_emb, temperature, **kw)
+    return contrastive.sigmoid_loss(image_emb, text_emb, temperature, params['bias'], **kw)
   return loss_fn
 
 
@@ -106,8 +169,8 @@ def make_train_step(config, model, tx, schedule, mesh=None):
 
   The gradient is the exact full-batch gradient of the contrastive loss, computed in
   batch_size / microbatch_size microbatches (basic.gradcache). The step's randomness is
-  fold_in(rng, state.step), and microbatch k uses fold_in(that, k). With a `mesh`, the loss
-  gathers the embeddings of the whole (data-sharded) batch (see `make_loss_fn`).
+  fold_in(rng, state.step), and microbatch k uses fold_in(that, k). With a `mesh`, the loss over
+  the whole (data-sharded) batch is sharded over the devices (see `make_loss_fn`).
 
   metrics['train/nonfinite'] is 1 when the loss or the gradient norm is NaN/inf. With
   config.on_nonfinite == 'skip' such a step leaves params and optimiser state unchanged (the
@@ -265,13 +328,93 @@ def _resume_data(data: dict, config):
   return position, dropped, data.get('nonfinite_skipped', 0), rng
 
 
+def check_resume_config(ckpt, config):
+  """The config saved with the newest checkpoint in `ckpt` against `config`, before anything is
+  compiled: ConfigError naming each changed field that shapes the state or the data stream
+  (config_lib.resume_diff, rules in config_lib.RESUME_RULES); the allowed changes are logged.
+  -> the step whose config was compared, or None (no checkpoint: a fresh run)."""
+  for step in reversed(ckpt.all_steps()):
+    try:
+      saved = ckpt.restore_config(step)
+    except Exception as e:  # pylint: disable=broad-except  (corrupt: restore_latest decides)
+      logging.warning('Cannot read the config of checkpoint step %d (%s); trying the previous.',
+                      step, e)
+      continue
+    diff = config_lib.resume_diff(saved, config)
+    if diff['allowed']:
+      logging.warning('Resuming from step %d with a changed config: %s.', step, '; '.join(
+          f'config.{k}: {a!r} -> {b!r}' for k, a, b in diff['allowed']))
+    if diff['added'] or diff['removed']:
+      logging.info('Config fields new since checkpoint step %d: %s; no longer present: %s.',
+                   step, diff['added'] or 'none', diff['removed'] or 'none')
+    return step
+  return None
+
+
+def check_resume_tokenizer(ckpt, step, tokenizer, config):
+  """The tokenizer of a resumed run must be the one saved with checkpoint `step` (when it has
+  one): a moved file is fine, other contents fail naming config.tokenizer.model_path."""
+  if step is None:
+    return
+  try:
+    saved = ckpt.restore_tokenizer(step)
+  except Exception:  # pylint: disable=broad-except  (corrupt step: restore_latest decides)
+    return
+  if saved is not None and saved != tokenizer.serialized_model:
+    raise config_lib.ConfigError(
+        f'config.tokenizer.model_path={config.tokenizer.model_path!r}: this tokenizer differs '
+        f'from the one saved with checkpoint step {step} in {ckpt.directory}; resume with that '
+        'one (empty model_path in a workdir that holds it, or the same file).')
+
+
+class _Run:
+  """The resources of a run that an exception must shut down, in order (train_and_evaluate)."""
+
+  def __init__(self):
+    self.train_iter = self.ckpt = self.writer = None
+
+  def shut_down_after(self, error: BaseException, timeout_s: float):
+    """The in-flight checkpoint save (single process; not after a failed save) and the metric
+    writers, within `timeout_s` in all. The input pipeline is left alone: dropping a busy
+    tf.data iterator waits for the batch in production (see basic.failures)."""
+    deadline = time.monotonic() + timeout_s
+    left = lambda: max(1.0, deadline - time.monotonic())
+    logging.error('Shutting down after %s: %s', type(error).__name__, error)
+    if (self.ckpt is not None and jax.process_count() == 1 and
+        not isinstance(error, checkpoint_lib.CheckpointWriteError)):
+      failures.run_bounded(self.ckpt.wait, left(), 'checkpoint save')
+    if self.writer is not None:
+      failures.run_bounded(self.writer.flush, left(), 'metric writers')
+
+
 def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
   """Runs (or resumes) training in `workdir` (local or gs://); returns the final evaluation.
 
   Resuming restores the newest readable checkpoint (a corrupt newer one is skipped, see
   basic.checkpoint): the train state, this host's input-stream position and the rng, so the
-  resumed run continues exactly as an uninterrupted one.
+  resumed run continues exactly as an uninterrupted one. The checkpoint's config is compared
+  with `config` first, before anything is compiled (`check_resume_config`).
+
+  The run holds the workdir's lock (basic.workdir_lock): a second run on the same workdir fails
+  at once, naming this one. An exception shuts the run down in order before it propagates
+  (`_Run.shut_down_after`, within config.shutdown_timeout_s); `main` then exits the process
+  (basic.failures).
   """
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  lock = workdir_lock.acquire_for_run(workdir, config)
+  run = _Run()
+  try:
+    return _train_and_evaluate(config, workdir, run, tensorboard_dir=tensorboard_dir)
+  except BaseException as error:
+    run.shut_down_after(error, config_lib.failure_field(config, 'shutdown_timeout_s'))
+    raise
+  finally:
+    run.train_iter = None   # On success: dropped (an idle pipeline) while the interpreter lives.
+    lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None) -> dict:
+  """train_and_evaluate's body; registers its resources in `run`."""
   tf_setup.configure_tensorflow()   # Before any TF op: no accelerators, few threads.
   num_processes = jax.process_count()
   mesh = sharding.make_mesh(config.mesh)
@@ -279,6 +422,11 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
                       num_data_devices=mesh.shape[sharding.DATA_AXIS])
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
+  ckpt = run.ckpt = checkpoint_lib.Checkpointer(
+      str(workdir_path / 'checkpoints'), max_to_keep=config.keep_checkpoints,
+      keep_period=config.keep_checkpoint_every_steps,
+      debug_fail_at_step=config_lib.failure_field(config, 'debug_fail_checkpoint_at_step'))
+  resume_step = check_resume_config(ckpt, config)   # Before config.json and any compilation.
   if jax.process_index() == 0:
     (workdir_path / 'config.json').write_text(config_lib.to_json(config))
 
@@ -288,6 +436,7 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
     raise config_lib.ConfigError(
         f'config.model.text.vocab_size={config.model.text.vocab_size}: smaller than the '
         f'tokenizer vocabulary ({tokenizer.vocab_size}, {tok_path}).')
+  check_resume_tokenizer(ckpt, resume_step, tokenizer, config)
 
   model = DualEncoder(config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
@@ -295,9 +444,6 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %d parameters (%.2fM).', num_params, num_params / 1e6)
 
-  ckpt = checkpoint_lib.Checkpointer(str(workdir_path / 'checkpoints'),
-                                     max_to_keep=config.keep_checkpoints,
-                                     keep_period=config.keep_checkpoint_every_steps)
   last_good, state = ckpt.restore_latest(state)
   data_state = {}
   if last_good is not None:
@@ -316,10 +462,19 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
         k: v for k, v in config_lib.flatten(config).items() if isinstance(v, (int, float, str))}})
 
   train_step = jit_train_step(config, model, tx, schedule, mesh, state_shardings)
+  # Model FLOPs of one step from compiled forwards (basic.flops), for train/mfu; the peak of a
+  # device from the chip table by device kind, else config.peak_flops_per_device (0: none).
+  step_model_flops = flops_lib.model_flops(
+      config, state.params, encode_fn=make_encode_fn(model), make_loss_fn=make_loss_fn,
+      init_batch=init_batch)
+  peak_flops = flops_lib.peak_flops_per_device(config, list(mesh.devices.flat))
   train_iter = pipeline.make_train_iterator(
       config, tokenizer, start_step=start_step, process_index=jax.process_index(),
       process_count=num_processes, start_position=position)
   evaluator = evaluate_run.Evaluator(config, model, mesh)   # Fails now if its data is missing.
+  run.writer, run.train_iter = writer, train_iter
+  raise_at = config_lib.failure_field(config, 'debug_raise_at_step')
+  raise_here = config_lib.failure_field(config, 'debug_raise_process') in (-1, jax.process_index())
 
   def run_eval(step):
     """The config's evaluators (synthetic zero-shot, config.eval.tasks) on the current state."""
@@ -364,6 +519,9 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
         position = int(host_batch.pop('position', position))
         dropped = int(host_batch.pop('dropped', dropped))
         batch = sharding.global_batch(host_batch, mesh)
+        if step + 1 == raise_at and raise_here:   # Fault injection (tests of crash handling).
+          raise RuntimeError(f'config.debug_raise_at_step={raise_at}: injected failure at step '
+                             f'{step + 1} on process {jax.process_index()}.')
         state, metrics = train_step(state, batch, rng)
       step += 1
       pending.append((step, metrics['train/nonfinite']))
@@ -379,6 +537,8 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
                    for k in window[0] if k != 'train/nonfinite'}
         elapsed = time.perf_counter() - window_start
         scalars['train/images_per_sec'] = (step - window_first_step) * config.batch_size / elapsed
+        scalars.update(flops_lib.mfu(step_model_flops, step - window_first_step, elapsed,
+                                     mesh.devices.size, peak_flops))
         scalars['train/nonfinite_skipped'] = skipped
         scalars['data/dropped'] = int(checkpoint_lib.gather_host_values([dropped]).sum())
         writer.write_scalars(step, scalars)
@@ -408,12 +568,22 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/tiny.py.')
-  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  logging.info('JAX devices: %s; process %d of %d.', jax.devices(), jax.process_index(),
-               jax.process_count())
-  results = train_and_evaluate(config, _WORKDIR.value, tensorboard_dir=_TENSORBOARD_DIR.value)
-  if results:
-    print(' '.join(f'{k}={v:.4f}' for k, v in sorted(results.items())))
+
+  def run():
+    multihost.initialize(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+        heartbeat_timeout_s=config_lib.failure_field(config, 'distributed_heartbeat_timeout_s'),
+        peer_poll_s=config_lib.failure_field(config, 'peer_poll_s'))
+    logging.info('JAX devices: %s; process %d of %d.', jax.devices(), jax.process_index(),
+                 jax.process_count())
+    results = train_and_evaluate(config, _WORKDIR.value, tensorboard_dir=_TENSORBOARD_DIR.value)
+    if results:
+      print(' '.join(f'{k}={v:.4f}' for k, v in sorted(results.items())))
+
+  # Any exception: logged, then the process exits non-zero within config.shutdown_timeout_s,
+  # and the other processes of the run exit too (basic.failures).
+  failures.run_main(run, timeout_s=config_lib.failure_field(config, 'shutdown_timeout_s'),
+                    process_index=jax.process_index)
 
 
 if __name__ == '__main__':

@@ -18,13 +18,25 @@ def get_config(arg=None):
   config.batch_size = 256          # N, global over all hosts.
   config.microbatch_size = 256     # m: N % m == 0; N / m microbatches per step.
   config.loss = 'softmax'          # 'softmax' (InfoNCE) | 'sigmoid' (SigLIP).
-  config.loss_chunk_size = 0       # c rows per logit chunk; 0 = unchunked N x N reference.
+  # c rows per logit block on each device: -1 = automatic (the largest whose c x N float32
+  # buffers fit loss_chunk_budget_mib), 0 = the unchunked N x N reference, c > 0 as given.
+  config.loss_chunk_size = -1
+  config.loss_chunk_budget_mib = 256   # Per device, for loss_chunk_size = -1 (3 c x N x 4 B).
+  # 'sharded': on a mesh, each device computes the loss of its N / P rows against all N
+  # (basic.contrastive_sharded); 'replicated': every device computes the whole loss (reference).
+  config.loss_sharding = 'sharded'
+  # Precision of the logits matmuls: 'highest' (f32) | 'high' | 'default' (one bf16 pass on
+  # TPU); measured errors in BENCHMARKS.md, "Loss precision".
+  config.loss_precision = 'highest'
   # Microbatches per loop iteration of the gradient-cache passes (same result). 1 on
   # accelerators; on CPU, XLA runs loop bodies slowly, so set it to N / m for small N / m
   # (see BENCHMARKS.md, gradcache).
   config.gradcache_unroll = 1
 
   config.total_steps = 1500
+  # Peak FLOP/s of one device, for train/mfu where basic.flops's chip table does not know the
+  # device kind (CPUs, other accelerators); 0 = unknown: train/mfu is then not logged.
+  config.peak_flops_per_device = 0.0
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
@@ -34,6 +46,23 @@ def get_config(arg=None):
   # checkpoint) or 'skip' (leave params and optimiser state unchanged; counted in metrics).
   config.on_nonfinite = 'stop'
   config.debug_nan_at_step = 0             # > 0: make that update non-finite (tests the guard).
+  # Failures (README, "Checkpoints"): after an exception the run flushes its logs and metrics,
+  # waits at most shutdown_timeout_s for an in-flight checkpoint, and exits non-zero; the other
+  # processes of a multi-process run notice within peer_poll_s and exit too (status 3). JAX
+  # declares a process dead after distributed_heartbeat_timeout_s without a heartbeat.
+  config.shutdown_timeout_s = 20
+  config.peer_poll_s = 1.0
+  config.distributed_heartbeat_timeout_s = 100
+  # One run per workdir: the lock {workdir}/run.lock is refreshed every workdir_lock_heartbeat_s
+  # and taken over by a new run when its owner's process is gone (same host) or its heartbeat is
+  # older than workdir_lock_stale_s.
+  config.workdir_lock_heartbeat_s = 30
+  config.workdir_lock_stale_s = 300
+  # Fault injection (tests): raise at that step (> 0) on that process (-1: all); make the
+  # checkpoint save of that step (> 0) fail as a full disk would.
+  config.debug_raise_at_step = 0
+  config.debug_raise_process = -1
+  config.debug_fail_checkpoint_at_step = 0
   # A checkpoint (workdir, checkpoints dir or step dir; local or gs://) whose parameters start a
   # new run (the next stage of a recipe, fine-tuning); ignored when the workdir has checkpoints.
   config.init_from = ''

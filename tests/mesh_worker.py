@@ -2,9 +2,11 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/mesh_worker.py OUT_DIR [--all]
 
-Trains 3 steps of a small config on 1 device and on several ('data', 'model') meshes (and with
-FSDP; `--all` adds the variants of the slow test), saves a checkpoint from the (4, 2) mesh and restores it onto (8, 1) and one device, and
-writes everything the tests compare to OUT_DIR/results.npz.
+Trains 3 steps of a small config (K = 4 microbatches, the contrastive loss sharded over the mesh)
+on 1 device and on several ('data', 'model') meshes (and with FSDP; `--all` adds the variants of
+the slow test), records each variant's raw gradient-cached loss and gradients of the first batch
+(before the optimizer), saves a checkpoint from the (4, 2) mesh and restores it onto (8, 1) and
+one device, and writes everything the tests compare to OUT_DIR/results.npz.
 """
 import os
 import sys
@@ -16,6 +18,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from basic import checkpoint as checkpoint_lib
+from basic import gradcache
 from basic import optim
 from basic import sharding
 from basic import train
@@ -30,7 +33,7 @@ MLP_PARAM = ('text', 'encoder', 'block00', 'mlp', 'Dense_0', 'kernel')       # [
 def small_config(data, model, fsdp=False):
   config = tiny.get_config()
   config.batch_size = 32
-  config.microbatch_size = 16        # 2 microbatches: gradient caching is active.
+  config.microbatch_size = 8         # 4 microbatches: gradient caching is active.
   config.total_steps = 10
   config.optimizer.warmup_steps = 1
   config.model.embed_dim = 32
@@ -56,18 +59,31 @@ def batches(config):
                                 (config.batch_size, length)).astype(np.int32)}
 
 
+def raw_gradients(config, model, mesh, state, shardings):
+  """The gradient-cached (loss, grads) of the first batch at `state`, before the optimizer."""
+  value_and_grad = gradcache.value_and_grad(
+      train.make_encode_fn(model, mesh), train.make_loss_fn(config, mesh),
+      num_microbatches=config.batch_size // config.microbatch_size)
+  batch = sharding.global_batch(next(batches(config)), mesh)
+  return jax.jit(value_and_grad, in_shardings=(
+      shardings.params, sharding.batch_sharding(mesh), sharding.replicated(mesh)))(
+          state.params, batch, jax.random.key(config.seed + 1))
+
+
 def run(config, devices):
+  """-> (state after NUM_STEPS, its shardings, losses, (loss, grads) of the first batch)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   model = DualEncoder(config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   state, shardings = train.create_train_state(config, model, tx, mesh)
+  raw = raw_gradients(config, model, mesh, state, shardings)
   step = train.jit_train_step(config, model, tx, schedule, mesh, shardings)
   rng = jax.random.key(config.seed + 1)
   losses = []
   for batch in batches(config):
     state, metrics = step(state, sharding.global_batch(batch, mesh), rng)
     losses.append(float(metrics['train/loss']))
-  return state, shardings, np.array(losses)
+  return state, shardings, np.array(losses), raw
 
 
 def _leaf(tree, path):
@@ -86,17 +102,20 @@ def main(out_dir, run_all=False):
   assert len(devices) == 8, devices
   out = {}
   variants = {'single': ((1, 1, False), devices[:1]), 'mesh42': ((4, 2, False), devices),
-              'fsdp24': ((2, 4, True), devices)}
+              'mesh81': ((8, 1, False), devices), 'fsdp24': ((2, 4, True), devices)}
   if run_all:
     variants.update({'mesh24': ((2, 4, False), devices), 'fsdp42': ((4, 2, True), devices)})
   states = {}
   for name, ((data, model, fsdp), devs) in variants.items():
     config = small_config(data, model, fsdp)
     t0 = time.perf_counter()
-    state, shardings, losses = run(config, devs)
+    state, shardings, losses, (raw_loss, raw_grads) = run(config, devs)
     print(f'{name}: {time.perf_counter() - t0:.1f} s', flush=True)
     states[name] = (config, state, shardings)
     out[f'{name}/losses'] = losses
+    out[f'{name}/raw/loss'] = np.asarray(raw_loss)
+    for path, value in flat(raw_grads).items():
+      out[f'{name}/raw/grads/{path}'] = value
     for key, path in (('query', SHARDED_PARAM), ('mlp', MLP_PARAM)):
       arr = _leaf(state.params, path)
       out[f'{name}/shard/{key}'] = np.array(arr.addressable_shards[0].data.shape)

@@ -37,6 +37,12 @@ INSTALL_REQUIRES = [
 CONVERT_REQUIRES = ["torch==2.14.1", "torchvision==0.29.1", "open_clip_torch==3.3.0",
                     "timm==1.0.31", "safetensors==0.8.0"]
 
+# `pip install '.[tpu]'`: libtpu, pinned exactly as jax 0.10.2's own `tpu` extra pins it (jax's
+# METADATA: `libtpu==0.0.42.*; extra == "tpu"` and `requests`; resolves libtpu 0.0.42.1). On a
+# TPU VM it is the runtime; on any machine it is the TPU compiler, which `python -m basic.plan
+# --topology=v5p:8x8x8` uses to compile the train step ahead of time without a TPU.
+TPU_REQUIRES = ["libtpu==0.0.42.*", "requests"]
+
 setuptools.setup(
     name="basic",
     version="0.1.0",
@@ -48,5 +54,6 @@ setuptools.setup(
     extras_require={"test": ["pytest==9.2.0", "gcp-storage-emulator==2026.7.19", "nbclient==0.11.0",
                              "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2",
                              "pytest-xdist==3.8.0"],
-                    "convert": CONVERT_REQUIRES},
+                    "convert": CONVERT_REQUIRES,
+                    "tpu": TPU_REQUIRES},
 )

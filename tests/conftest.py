@@ -4,6 +4,12 @@ import sys
 import tempfile
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# JAX on the CPU in every test process and the subprocesses they start: with libtpu installed
+# (the `tpu` extra) JAX would otherwise try a TPU backend first, and take libtpu's lock file.
+# Tests that compile for a TPU topology (tests/test_plan_tpu.py) load libtpu themselves; two
+# pytest-xdist workers may, hence ALLOW_MULTIPLE_LIBTPU_LOAD.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 # One persistent XLA compilation cache per test session, inherited by the subprocesses tests
 # start: the many short training runs compile the same train step.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='basic_jax_cache_'))

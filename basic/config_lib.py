@@ -153,10 +153,6 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
     peak = config.peak_flops_per_device
     if isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak < 0:
       _fail('peak_flops_per_device', peak, 'must be a number >= 0 (FLOP/s; 0 = unknown).')
-  if 'peak_flops_per_device' in config:   # Absent (configs saved by older versions): 0.
-    peak = config.peak_flops_per_device
-    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak < 0:
-      _fail('peak_flops_per_device', peak, 'must be a number >= 0 (FLOP/s; 0 = unknown).')
   for field in ('total_steps', 'log_every_steps', 'eval_every_steps',
                 'checkpoint_every_steps', 'keep_checkpoints'):
     _int(config, field, 1)

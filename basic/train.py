@@ -30,7 +30,6 @@ from basic import contrastive
 from basic import contrastive_sharded
 from basic import flops as flops_lib
 from basic import failures
-from basic import flops as flops_lib
 from basic import gradcache
 from basic import metric_writers
 from basic import multihost
@@ -469,12 +468,6 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
       config, state.params, encode_fn=make_encode_fn(model), make_loss_fn=make_loss_fn,
       init_batch=init_batch)
   peak_flops = flops_lib.peak_flops_per_device(config, list(mesh.devices.flat))
-  # Model FLOPs of one step from compiled forwards (basic.flops), for train/mfu; the peak of a
-  # device from the chip table by device kind, else config.peak_flops_per_device (0: none).
-  step_model_flops = flops_lib.model_flops(
-      config, state.params, encode_fn=make_encode_fn(model), make_loss_fn=make_loss_fn,
-      init_batch=init_batch)
-  peak_flops = flops_lib.peak_flops_per_device(config, list(mesh.devices.flat))
   train_iter = pipeline.make_train_iterator(
       config, tokenizer, start_step=start_step, process_index=jax.process_index(),
       process_count=num_processes, start_position=position)
@@ -544,8 +537,6 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
                    for k in window[0] if k != 'train/nonfinite'}
         elapsed = time.perf_counter() - window_start
         scalars['train/images_per_sec'] = (step - window_first_step) * config.batch_size / elapsed
-        scalars.update(flops_lib.mfu(step_model_flops, step - window_first_step, elapsed,
-                                     mesh.devices.size, peak_flops))
         scalars.update(flops_lib.mfu(step_model_flops, step - window_first_step, elapsed,
                                      mesh.devices.size, peak_flops))
         scalars['train/nonfinite_skipped'] = skipped

@@ -37,9 +37,6 @@ def get_config(arg=None):
   # Peak FLOP/s of one device, for train/mfu where basic.flops's chip table does not know the
   # device kind (CPUs, other accelerators); 0 = unknown: train/mfu is then not logged.
   config.peak_flops_per_device = 0.0
-  # Peak FLOP/s of one device, for train/mfu where basic.flops's chip table does not know the
-  # device kind (CPUs, other accelerators); 0 = unknown: train/mfu is then not logged.
-  config.peak_flops_per_device = 0.0
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500

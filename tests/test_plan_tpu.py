@@ -210,17 +210,13 @@ def _lines(stdout):
 
 @needs_libtpu
 def test_plan_tiny_for_v5p_with_the_tpu_compiler():
-  """python -m basic.plan --topology=v5p:2x2x1 (4 chips, no TPU here): positive memory below the
+  """The tiny config's step compiled by the TPU compiler for 'v5p:2x2x1' (4 chips, no TPU
+  here), as `python -m basic.plan --topology=v5p:2x2x1` prints it: positive memory below the
   chip's HBM, hbm/fits, FLOPs, roofline and an MFU bound in (0, 1]."""
-  env = dict(os.environ)
-  for key in ('JAX_PLATFORMS', 'XLA_FLAGS'):
-    env.pop(key, None)   # basic.plan sets what it needs before importing JAX.
-  proc = subprocess.run(
-      [sys.executable, '-m', 'basic.plan', '--config=configs/tiny.py', '--topology=v5p:2x2x1'],
-      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  lines = _lines(proc.stdout)
-  assert "{'data': 4, 'model': 1} on 4 devices of v5p:2x2x1" in lines['mesh']
+  devices = plan.tpu_devices('v5p:2x2x1')
+  assert len(devices) == 4 and devices[0].platform == 'tpu'
+  lines = _lines('\n'.join(plan.format_plan(plan.plan(tiny.get_config(), devices, costs=True))))
+  assert lines['mesh'] == "{'data': 4, 'model': 1}"
   assert lines['device/chip'] == 'v5p' and float(lines['hbm/capacity_gib']) == 95.0
   for key in ('arguments', 'outputs', 'temporaries', 'total'):
     assert 0 < float(lines[f'memory/{key}_gib']) < 95.0
@@ -236,16 +232,33 @@ def test_plan_tiny_for_v5p_with_the_tpu_compiler():
 
 @needs_libtpu
 def test_plan_tiny_for_v4_megacore_with_the_tpu_compiler():
-  """'v4:2x2x1' is planned as a v4-8 VM runs it: megacore, 4 devices of 32 GiB."""
+  """'v4:2x2x1' is planned as a v4-8 VM runs it: megacore, 4 devices of 32 GiB. (The tiny
+  config with one block per tower, to keep the suite fast.)"""
   devices = plan.tpu_devices('v4:2x2x1')
   assert len(devices) == 4 and flops.devices_per_chip(devices) == 1
-  result = plan.plan(tiny.get_config(), devices)
+  result = plan.plan(_config(**{'model.image.depth': 1, 'model.text.depth': 1}), devices)
   assert result['mesh'] == {'data': 4, 'model': 1}
   assert result['hbm/capacity_gib'] == 32.0 and result['hbm/fits'] is True
   for key in ('arguments', 'outputs', 'temporaries', 'total'):
     assert 0 < result[f'memory/{key}_gib'] < 32.0
   lines = _lines('\n'.join(plan.format_plan(result)))
   assert lines['hbm/fits'] == 'true' and lines['device/chip'] == 'v4'
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_plan_command_line_for_a_topology():
+  """python -m basic.plan --topology=... sets up libtpu itself (JAX_PLATFORMS unset here)."""
+  env = dict(os.environ)
+  for key in ('JAX_PLATFORMS', 'XLA_FLAGS'):
+    env.pop(key, None)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'basic.plan', '--config=configs/tiny.py', '--topology=v5p:2x2x1'],
+      env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  lines = _lines(proc.stdout)
+  assert "{'data': 4, 'model': 1} on 4 devices of v5p:2x2x1" in lines['mesh']
+  assert lines['hbm/fits'] == 'true' and float(lines['roofline/mfu']) > 0
 
 
 def test_device_table_and_accelerator_types():

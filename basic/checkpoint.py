@@ -18,10 +18,16 @@ that cannot be read (files truncated or lost afterwards) is skipped by `restore_
 of the previous one, with a warning, and moved aside into `{directory}/corrupt/` (kept for
 inspection, never deleted).
 
+A save that fails (a full disk, a gs:// error; asynchronous errors surface at the next `save`
+or `wait`) raises `CheckpointWriteError` naming the step's path and the last committed step; the
+failed step is never committed (its temporary directory is removed when the directory is next
+opened), so the earlier steps stay restorable and a rerun resumes from the last committed one.
+
 Paths go through etils.epath (orbax writes arrays through tensorstore): see the README for the
 environment variables that point both at a GCS emulator.
 """
 import base64
+import errno
 import json
 import time
 from typing import Any, Optional
@@ -40,6 +46,19 @@ ITEMS = (STATE_ITEM, 'config', 'data', 'tokenizer')
 TOKENIZER_KEYS = {'sentencepiece': 'sentencepiece_model_base64',
                   'clip_bpe': 'clip_bpe_merges_base64'}
 CORRUPT_DIR = 'corrupt'
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint save failed; the message names the step's path and the last good step."""
+
+
+class _InjectedWriteFailure(dict):
+  """A JSON item whose serialisation, inside orbax's background write, fails as a full disk
+  would (fault injection: config.debug_fail_checkpoint_at_step)."""
+
+  def items(self):
+    raise OSError(errno.ENOSPC, 'No space left on device (injected by '
+                  'config.debug_fail_checkpoint_at_step)')
 
 
 def _abspath(path: str) -> str:
@@ -74,7 +93,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: Optional[int] = None,
                keep_period: Optional[int] = None, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, debug_fail_at_step: int = 0):
     """
     Args:
       directory: where the step directories live (created unless read_only).
@@ -82,6 +101,7 @@ class Checkpointer:
       keep_period: ... plus every step that is a multiple of M, forever (None or 0: none).
       async_save: write in a background thread while training goes on.
       read_only: open for restoring only (inference, soups): nothing is created or cleaned.
+      debug_fail_at_step: > 0: the save of that step fails in its background write (tests).
     """
     self.directory = _abspath(directory)
     options = ocp.CheckpointManagerOptions(
@@ -89,6 +109,18 @@ class Checkpointer:
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
         read_only=read_only)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self._debug_fail_at_step = debug_fail_at_step
+    self._async = async_save
+    self._in_flight = None   # The step being written in the background, if any.
+    self.last_committed = self.latest_step()
+
+  def _write_error(self, step: int, error: Exception) -> CheckpointWriteError:
+    last = (f'the last good checkpoint is step {self.last_committed} in {self.directory}'
+            if self.last_committed is not None else 'no checkpoint was committed yet')
+    return CheckpointWriteError(
+        f'Saving checkpoint step {step} to {self.directory}/{step} failed '
+        f'({type(error).__name__}: {_brief(error)}); {last}. The failed step is not committed; '
+        'a rerun resumes from the last good step.')
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -113,13 +145,24 @@ class Checkpointer:
       raise ValueError(f'Unknown tokenizer kind {tokenizer_kind!r}; one of '
                        f'{sorted(TOKENIZER_KEYS)}.')
     encoded = base64.b64encode(tokenizer_model).decode('ascii') if tokenizer_model else ''
+    self.wait()   # Raises CheckpointWriteError if the previous (asynchronous) save failed.
+    data = data or {}
+    if step == self._debug_fail_at_step:
+      data = _InjectedWriteFailure(data)
     items = dict(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(_config_dict(config)),
-        data=ocp.args.JsonSave(data or {}),
+        data=ocp.args.JsonSave(data),
         tokenizer=ocp.args.JsonSave(
             {'kind': tokenizer_kind, TOKENIZER_KEYS[tokenizer_kind]: encoded}))
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
+    self._in_flight = step
+    if not self._async:
+      self.wait()
+    return saved
 
   def restore(self, template, step: Optional[int] = None):
     """Restores the state at `step` (default latest) into the structure/shardings of `template`.
@@ -151,6 +194,7 @@ class Checkpointer:
         continue
       for bad, error in failed:
         self._move_aside(bad, error)
+      self.last_committed = step
       return step, state
     if failed:
       raise failed[0][1]
@@ -222,7 +266,16 @@ class Checkpointer:
     return step
 
   def wait(self):
-    self._manager.wait_until_finished()
+    """Blocks until the in-flight save is committed; CheckpointWriteError if it failed."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if step is None:
+        raise
+      raise self._write_error(step, e) from e
+    if step is not None:
+      self.last_committed = step
 
   def close(self):
     self._manager.close()

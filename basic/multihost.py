@@ -13,12 +13,19 @@ Call `initialize(...)` first thing in `main`, before any JAX computation or devi
   CPU backend.
 
 A single process on one host needs none of this, and `initialize` does nothing.
+
+Failures (basic/failures.py): a process that jax.distributed has not heard from for
+`heartbeat_timeout_s` seconds (config.distributed_heartbeat_timeout_s) is declared dead and the
+others are terminated by JAX; a process that raises announces it through the key-value store,
+and the others exit within `peer_poll_s` seconds (config.peer_poll_s) with status 3.
 """
 import os
 from typing import Optional
 
 from absl import logging
 import jax
+
+from basic import failures
 
 
 def _tpu_multihost() -> bool:
@@ -37,7 +44,8 @@ def is_multihost(coordinator_address: Optional[str] = None,
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> bool:
+               process_id: Optional[int] = None, *, heartbeat_timeout_s: int = 100,
+               peer_poll_s: float = 1.0) -> bool:
   """Calls `jax.distributed.initialize` for a multi-process run; returns whether it did.
 
   Args:
@@ -45,6 +53,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
       environment / auto-detected on TPU pods and cluster managers).
     num_processes: total number of processes, or None (auto-detected).
     process_id: this process's index in [0, num_processes), or None (auto-detected).
+    heartbeat_timeout_s: a process silent this long is declared dead (the others terminate).
+    peer_poll_s: seconds between two checks for another process's failure (a
+      `basic.failures.PeerWatch` is started; 0 = none).
   """
   if not is_multihost(coordinator_address, num_processes):
     return False
@@ -52,7 +63,11 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     return True
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address or None,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+  if peer_poll_s > 0:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    failures.start_peer_watch(distributed.global_state.client, jax.process_index(), peer_poll_s)
   logging.info('jax.distributed initialised: process %d of %d, %d local / %d global devices.',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())

@@ -7,8 +7,10 @@ Everything after `--` goes to `python -m basic.train`. Each process gets
 `XLA_FLAGS=--xla_force_host_platform_device_count=D` and the coordinator flags
 `--coordinator_address=127.0.0.1:PORT --num_processes=P --process_id=I` (a free port), so the run
 is a real jax.distributed run (CPU collectives over gloo) with P * D devices, as on a pod.
-Output lines are prefixed with `[I]`. If one process fails, the others are stopped; the exit
-status is the first non-zero one.
+Output lines are prefixed with `[I]`. If one process fails, the others exit on their own
+(basic/failures.py: within config.peer_poll_s, status 3); any still running after `--grace`
+seconds are killed. The launcher then prints which process failed first and every exit status;
+its own exit status is the first failure's.
 """
 import argparse
 import os
@@ -52,8 +54,9 @@ def _pump(index, stream, out):
 
 
 def launch(train_args, *, num_processes: int, devices_per_process: int,
-           timeout: float = 0.0) -> int:
-  """Runs the processes to completion; -> exit status (0 if all succeeded)."""
+           timeout: float = 0.0, grace: float = 30.0) -> int:
+  """Runs the processes to completion; -> exit status (0 if all succeeded, else the status of
+  the process that failed first; 124 when `timeout` seconds passed)."""
   env = process_env(devices_per_process)
   procs, pumps = [], []
   for i, cmd in enumerate(commands(train_args, num_processes, free_port())):
@@ -64,12 +67,16 @@ def launch(train_args, *, num_processes: int, devices_per_process: int,
     procs.append(proc)
     pumps.append(pump)
   deadline = time.monotonic() + timeout if timeout else None
-  status = 0
+  status, first, kill_at = 0, None, None
   while any(p.poll() is None for p in procs):
-    failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+    if first is None:
+      first = next((i for i, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+      if first is not None:
+        status = procs[first].returncode
+        kill_at = time.monotonic() + grace
     late = deadline is not None and time.monotonic() > deadline
-    if failed or late:
-      status = failed[0] if failed else 124
+    if late or (kill_at is not None and time.monotonic() > kill_at):
+      status = status or 124
       for p in procs:
         if p.poll() is None:
           p.kill()
@@ -79,7 +86,13 @@ def launch(train_args, *, num_processes: int, devices_per_process: int,
     p.wait()
   for pump in pumps:
     pump.join(timeout=5)
-  return status or next((p.returncode for p in procs if p.returncode), 0)
+  if first is None:
+    first = next((i for i, p in enumerate(procs) if p.returncode), None)
+  statuses = [p.returncode for p in procs]
+  if first is not None:
+    print(f'launch/local.py: process {first} failed first (exit status {procs[first].returncode})'
+          f'; exit statuses {statuses}.', file=sys.stderr, flush=True)
+  return status or (procs[first].returncode if first is not None else 0)
 
 
 def main():
@@ -87,12 +100,15 @@ def main():
   parser.add_argument('--num_processes', type=int, default=2)
   parser.add_argument('--devices_per_process', type=int, default=4)
   parser.add_argument('--timeout', type=float, default=0.0, help='seconds; 0 = none.')
+  parser.add_argument('--grace', type=float, default=30.0,
+                      help='seconds the others get to exit after one process failed.')
   parser.add_argument('train_args', nargs=argparse.REMAINDER,
                       help='arguments of basic.train, after `--`.')
   args = parser.parse_args()
   train_args = args.train_args[1:] if args.train_args[:1] == ['--'] else args.train_args
   sys.exit(launch(train_args, num_processes=args.num_processes,
-                  devices_per_process=args.devices_per_process, timeout=args.timeout))
+                  devices_per_process=args.devices_per_process, timeout=args.timeout,
+                  grace=args.grace))
 
 
 if __name__ == '__main__':

@@ -205,7 +205,7 @@ def test_mesh_raw_gradients_match_single_device(mesh_results, variant):
   ref_loss, got_loss = mesh_results['single/raw/loss'], mesh_results[f'{variant}/raw/loss']
   assert abs(got_loss - ref_loss) <= 1e-6 * abs(ref_loss)
   keys = [k for k in mesh_results if k.startswith('single/raw/grads/')]
-  assert 'single/raw/grads/log_temperature' in keys and len(keys) > 50
+  assert 'single/raw/grads/log_temperature' in keys and len(keys) > 40
   for key in keys:
     ref, got = mesh_results[key], mesh_results[key.replace('single', variant, 1)]
     if ZERO_GRAD.search(key):   # Exactly 0 in exact arithmetic: rounding noise only.
@@ -214,6 +214,31 @@ def test_mesh_raw_gradients_match_single_device(mesh_results, variant):
     assert np.linalg.norm(ref) > 0, key
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert rel <= 2e-6, (key, rel)
+
+
+def _tiny_cli_losses(workdir, num_devices, *flags):
+  """train/loss rows of `python -m basic.train` on the tiny default, 20 steps, no evaluation."""
+  cmd = [sys.executable, '-m', 'basic.train', '--config=configs/tiny.py', f'--workdir={workdir}',
+         '--config.total_steps=20', '--config.log_every_steps=5', '--config.eval.zeroshot=False',
+         '--config.checkpoint_every_steps=20', *flags]
+  proc = subprocess.run(cmd, env=cpu_devices.env(num_devices), cwd=REPO, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return np.array([r['train/loss'] for r in rows if 'train/loss' in r]), proc.stderr
+
+
+def test_tiny_default_trains_on_a_model_parallel_mesh_like_one_device(tmp_path):
+  """The embedded default (4 heads, vocabulary 256, MLP 192: all divide a model axis of 2 or 4)
+  on a (data 4, model 2) mesh of 8 devices, the loss sharded over all 8: the losses of 20 steps
+  equal 1 device's (relative error <= 1e-4)."""
+  one, _ = _tiny_cli_losses(tmp_path / 'one', 1)
+  mesh, log = _tiny_cli_losses(tmp_path / 'mesh', 8, '--config.mesh.data=4',
+                               '--config.mesh.model=2')
+  assert len(one) == 4 and np.all(np.isfinite(one))
+  np.testing.assert_allclose(mesh, one, rtol=1e-4)
+  assert "mesh axes ('data', 'model') (8 devices)" in log   # The loss was sharded over 8.
 
 
 @pytest.mark.parametrize('target, num_devices', [('restore81', 8), ('restore1', 1)])

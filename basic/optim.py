@@ -2,6 +2,9 @@
 
 Weight decay is decoupled (AdamW) and applied only to matrices/kernels (ndim >= 2): never to
 biases, norm scales/offsets, or the temperature. Gradients are clipped by global norm first.
+Stacked (layer-scanned) parameters (`basic.sharding.stacked_dims`: a leading layer axis) are
+treated per layer, as their unscanned blocks: the mask counts a block's dimensions, and
+Adafactor's update clipping takes the RMS of each layer's slice.
 
 'adamw': optax AdamW. 'adafactorw': Adafactor (Shazeer & Stern 2018; factored second moments,
 update clipping, optional momentum) with the same decoupled, lr-scaled weight decay as AdamW
@@ -11,6 +14,8 @@ Unlike `optax.adafactor`, whose `weight_decay_rate` is added after the learning-
 import jax
 import jax.numpy as jnp
 import optax
+
+from basic import sharding
 
 OPTIMIZERS = ('adamw', 'adafactorw')
 SCHEDULES = ('cosine', 'linear', 'constant')
@@ -36,8 +41,42 @@ def learning_rate_schedule(opt_config, total_steps: int):
 
 
 def weight_decay_mask(params):
-  """True for parameters that get weight decay: arrays with ndim >= 2 (kernels, embeddings)."""
-  return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+  """True for parameters that get weight decay: arrays with ndim >= 2 (kernels, embeddings),
+  not counting the leading layer axes of stacked parameters (a stacked bias [depth, D]: False)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.ndim(p) - sharding.stacked_dims(sharding.path_str(path)) >= 2, params)
+
+
+def clip_by_layer_rms(threshold: float) -> optax.GradientTransformation:
+  """optax.clip_by_block_rms with a stacked parameter's layers as separate blocks.
+
+  u <- u / max(1, rms(u) / threshold), rms over one parameter, or over one layer's slice
+  [k:] of a parameter with k stacked axes; equal to `optax.clip_by_block_rms` on unscanned
+  parameters.
+  """
+  def clip(path, u):
+    axes = tuple(range(sharding.stacked_dims(sharding.path_str(path)), jnp.ndim(u)))
+    rms = jnp.sqrt(jnp.mean(jnp.square(u), axis=axes, keepdims=True))
+    return u / jnp.maximum(1.0, rms / threshold)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(clip, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _check_factoring(params, min_dim_size_to_factor: int):
+  """Factored moments act on each layer of a stacked parameter alike only while the layer axis
+  is shorter than min_dim_size_to_factor (else it could be factored); ValueError otherwise."""
+  for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = sharding.path_str(path)
+    stacked = sharding.stacked_dims(name)
+    if stacked and max(jnp.shape(p)[:stacked]) >= min_dim_size_to_factor:
+      raise ValueError(f'config.optimizer.min_dim_size_to_factor={min_dim_size_to_factor}: the '
+                       f'stacked parameter {name!r} {tuple(jnp.shape(p))} has a layer axis that '
+                       'long, which Adafactor would factor across layers; raise it above the '
+                       'scanned depth or set config.model.*.scan_layers=False.')
 
 
 def adafactorw(opt_config, schedule) -> optax.GradientTransformation:
@@ -49,12 +88,18 @@ def adafactorw(opt_config, schedule) -> optax.GradientTransformation:
   `clipping_threshold` (update clipping by block RMS; None or 0 = off), `eps`,
   `weight_decay` (masked by `weight_decay_mask`).
   """
-  chain = [optax.scale_by_factored_rms(
+  min_dim = opt_config.get('min_dim_size_to_factor', 128)
+  factored = optax.scale_by_factored_rms(
       factored=opt_config.factored, decay_rate=opt_config.decay_rate,
-      min_dim_size_to_factor=opt_config.get('min_dim_size_to_factor', 128),
-      epsilon=opt_config.eps)]
+      min_dim_size_to_factor=min_dim, epsilon=opt_config.eps)
+  if opt_config.factored:
+    def init_fn(params, inner=factored.init):
+      _check_factoring(params, min_dim)
+      return inner(params)
+    factored = optax.GradientTransformation(init_fn, factored.update)
+  chain = [factored]
   if opt_config.get('clipping_threshold'):
-    chain.append(optax.clip_by_block_rms(opt_config.clipping_threshold))
+    chain.append(clip_by_layer_rms(opt_config.clipping_threshold))
   if opt_config.get('b1'):
     chain.append(optax.ema(opt_config.b1, debias=False))
   if opt_config.weight_decay:

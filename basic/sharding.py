@@ -97,6 +97,21 @@ def put_whole(tree, shardings):
 
 _RULES_FIELD = 'config.sharding.rules'
 
+# Stacked (layer-scanned) parameters: a module whose name ends with SCAN_SUFFIX holds the
+# parameters of `n` identical blocks stacked on a new leading axis (`basic.models.scan`, e.g.
+# 'image/encoder/block_scan/attn/query/kernel' [depth, D, heads, D/heads] for the unscanned
+# 'image/encoder/block00/...' .. 'block{depth-1}/...'). Rules are written for one block: a rule
+# spec with one entry per dimension of a block's parameter gets a leading None per stacked axis
+# (the layer axis is never sharded, so a scan step slices it locally), and FSDP counts a block's
+# elements and never picks a stacked axis. A stacked parameter is thus sharded exactly as each of
+# its unscanned blocks.
+SCAN_SUFFIX = '_scan'
+
+
+def stacked_dims(path: str) -> int:
+  """The number of leading stacked (layer) axes of the parameter at '/'-joined `path`."""
+  return sum(part.endswith(SCAN_SUFFIX) for part in path.split('/'))
+
 
 def path_str(path) -> str:
   """A jax tree key path -> 'a/b/c' (dict keys, attribute names and sequence indices)."""
@@ -125,15 +140,20 @@ def _axis_names(entry):
   return tuple(entry)
 
 
-def _check_rule(path, shape, pattern, spec, mesh):
-  """Raises ValueError naming path and rule if `spec` cannot shard an array of `shape`."""
+def _check_rule(path, shape, pattern, spec, mesh, stacked=0):
+  """Raises ValueError naming path and rule if `spec` cannot shard an array of `shape`.
+
+  `spec` is the rule's spec with the leading Nones of `stacked` layer axes already added.
+  """
   where = f'parameter {path!r} of shape {tuple(shape)} matches rule ({pattern!r}, {spec!r}) ' \
           f'in {_RULES_FIELD}'
   if not isinstance(spec, (tuple, list)):
     raise ValueError(f'{where}: the spec must be a tuple with one entry per dimension.')
   if len(spec) != len(shape):
-    raise ValueError(f'{where}: the spec has {len(spec)} entries but the parameter has '
-                     f'{len(shape)} dimensions.')
+    per_block = (f' ({stacked} stacked layer axis(es) first, then one entry per dimension of a '
+                 f'block\'s parameter)' if stacked else '')
+    raise ValueError(f'{where}: the spec has {len(spec) - stacked} entries but the parameter '
+                     f'has {len(shape) - stacked} dimensions{per_block}.')
   used = [a for entry in spec for a in _axis_names(entry)]
   if len(used) != len(set(used)):
     raise ValueError(f'{where}: a mesh axis is used more than once.')
@@ -170,12 +190,14 @@ def _match(path, compiled):
   return None
 
 
-def _fsdp_spec(spec, shape, data_size):
-  """Adds DATA_AXIS on the largest unsharded dimension divisible by data_size (if any)."""
+def _fsdp_spec(spec, shape, data_size, stacked=0):
+  """Adds DATA_AXIS on the largest unsharded dimension divisible by data_size (if any), never
+  on the first `stacked` (layer) axes."""
   spec = list(spec) if spec is not None else [None] * len(shape)
   if data_size <= 1 or any(DATA_AXIS in _axis_names(e) for e in spec):
     return tuple(spec)
-  candidates = [d for d in range(len(shape)) if spec[d] is None and shape[d] % data_size == 0]
+  candidates = [d for d in range(stacked, len(shape))
+                if spec[d] is None and shape[d] % data_size == 0]
   if candidates:
     best = max(candidates, key=lambda d: (shape[d], -d))  # Largest; first on ties.
     spec[best] = DATA_AXIS
@@ -195,6 +217,8 @@ def param_partition_specs(params, rules, mesh: Optional[Mesh] = None, *, fsdp: b
     fsdp: additionally shard parameters with >= fsdp_min_size elements over 'data' on their
       largest still-unsharded dimension divisible by the data axis size.
     fsdp_min_size: element count from which FSDP applies.
+  Stacked parameters (a path component ending with SCAN_SUFFIX, see `stacked_dims`) take the
+  spec of one block with a leading None per stacked axis; FSDP counts one block's elements.
 
   Returns:
     A pytree like `params` of `PartitionSpec`s.
@@ -211,24 +235,29 @@ def param_partition_specs(params, rules, mesh: Optional[Mesh] = None, *, fsdp: b
   specs = []
   for path, x in leaves:
     shape = tuple(x.shape)
+    stacked = stacked_dims(path)
     spec = None
     matched = _match(path, compiled)
     if matched is not None:
       pattern, spec = matched
-      _check_rule(path, shape, pattern, spec, mesh)
+      if stacked and isinstance(spec, (tuple, list)):
+        spec = (None,) * stacked + tuple(spec)
+      _check_rule(path, shape, pattern, spec, mesh, stacked)
       spec = tuple(spec)
-    if fsdp and int(np.prod(shape)) >= fsdp_min_size:
-      spec = _fsdp_spec(spec, shape, data_size)
+    if fsdp and int(np.prod(shape[stacked:])) >= fsdp_min_size:
+      spec = _fsdp_spec(spec, shape, data_size, stacked)
     specs.append(P(*spec) if spec is not None else P())
   return jax.tree_util.tree_unflatten(treedef, specs)
 
 
 def unmatched_params(params, rules, min_size: int) -> list:
-  """Paths ('a/b/c') of parameters with >= min_size elements that no rule matches."""
+  """Paths ('a/b/c') of parameters with >= min_size elements (per block, for stacked ones)
+  that no rule matches."""
   compiled = _compile_rules(rules)
   leaves, _ = _flatten(params)
   return [path for path, x in leaves
-          if int(np.prod(x.shape)) >= min_size and _match(path, compiled) is None]
+          if int(np.prod(x.shape[stacked_dims(path):])) >= min_size
+          and _match(path, compiled) is None]
 
 
 def tree_partition_specs(tree, params, param_specs):

@@ -67,6 +67,7 @@ def get_config(arg=None):
   # [BASIC-abs] v3: gradient checkpointing (rematerialisation) against the memory limit;
   # the policy is (CHOICE).
   config.model.image.remat = 'dots_with_no_batch_dims_saveable'
+  config.model.image.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
   config.model.text = ml_collections.ConfigDict()
   config.model.text.name = 'transformer'
@@ -79,6 +80,7 @@ def get_config(arg=None):
   config.model.text.pool = 'mean'        # (CHOICE) mean over non-padding tokens.
   config.model.text.dropout = 0.0
   config.model.text.remat = 'dots_with_no_batch_dims_saveable'  # As the image tower.
+  config.model.text.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adafactorw'   # (UNVERIFIED) BASIC: AdaFactor + decoupled weight decay.

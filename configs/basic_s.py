@@ -63,6 +63,7 @@ def get_config(arg=None):
   config.model.image.variant = 'coatnet-0'  # (UNVERIFIED) BASIC model-size table: CoAtNet-0.
   config.model.image.drop_path = 0.0        # (CHOICE) no stochastic depth for 6.6B pairs.
   config.model.image.remat = 'none'         # (CHOICE) small enough without remat.
+  config.model.image.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
   config.model.text = ml_collections.ConfigDict()
   config.model.text.name = 'transformer'
@@ -75,6 +76,7 @@ def get_config(arg=None):
   config.model.text.pool = 'mean'        # (CHOICE) mean over non-padding tokens.
   config.model.text.dropout = 0.0
   config.model.text.remat = 'none'       # (CHOICE) small enough without remat.
+  config.model.text.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adafactorw'   # (UNVERIFIED) BASIC: AdaFactor + decoupled weight decay.

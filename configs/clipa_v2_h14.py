@@ -116,6 +116,7 @@ def get_config(arg=None):
   config.model.image.posemb = 'sincos2d'  # [P] posemb 'sincos2d'.
   config.model.image.dropout = 0.0
   config.model.image.remat = 'full'      # [P] remat_policy 'actcp' (gradient checkpointing).
+  config.model.image.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
   config.model.image.mask = ml_collections.ConfigDict()
   config.model.image.mask.kind = 'random' if stage['mask_ratio'] else 'none'   # [T224/T336].
   config.model.image.mask.ratio = stage['mask_ratio']
@@ -132,6 +133,7 @@ def get_config(arg=None):
   config.model.text.pool = 'eos'         # [P] pool_type 'last' (here: the last non-pad token).
   config.model.text.dropout = 0.0
   config.model.text.remat = 'full'       # [T224] remat_policy 'actcp'.
+  config.model.text.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'        # [P] scale_by_adam + decoupled weight decay.

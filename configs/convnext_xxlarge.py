@@ -100,6 +100,9 @@ def get_config(arg=None):
   config.model.image.variant = 'convnext_xxlarge'  # Card: timm convnext_xxlarge image tower.
   config.model.image.drop_path = 0.1    # Card: SD (0.1), image tower only (json timm_drop_path).
   config.model.image.remat = 'full'     # Card: --grad-checkpointing.
+  # False: tests/test_convnext.py reads the card's GMACs from XLA's cost analysis, which counts a
+  # scanned (while-loop) body once. --config.model.image.scan_layers=True (and text) scans.
+  config.model.image.scan_layers = False
 
   config.model.text = ml_collections.ConfigDict()
   config.model.text.name = 'transformer'
@@ -116,6 +119,7 @@ def get_config(arg=None):
   config.model.text.norm_eps = 1e-5      # OpenCLIP LayerNorm = torch default eps 1e-5.
   config.model.text.dropout = 0.0
   config.model.text.remat = 'full'       # Card: --grad-checkpointing (both towers).
+  config.model.text.scan_layers = False  # As the image tower.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'       # OpenCLIP default --opt adamw.

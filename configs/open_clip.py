@@ -43,7 +43,7 @@ def clip_vit(*, image_size: int, patch_size: int, width: int, depth: int, num_he
              activation: str = 'gelu', norm_eps: float = NORM_EPS, ln_pre: bool = True,
              causal: bool = True, temperature_init: float = 0.07,
              temperature_min: float = 1 / CLIP_LOGIT_SCALE_MAX,
-             tokenizer_path: str = '') -> ml_collections.ConfigDict:
+             tokenizer_path: str = '', scan_layers: bool = False) -> ml_collections.ConfigDict:
   """The full experiment config of an OpenCLIP ViT CLIP of these sizes.
 
   Args:
@@ -58,6 +58,8 @@ def clip_vit(*, image_size: int, patch_size: int, width: int, depth: int, num_he
     temperature_init, temperature_min: the temperature at init and its floor.
     tokenizer_path: CLIP's BPE merges file ('' = none: a run then takes the tokenizer of its
       config.init_from checkpoint, see basic.tokenizer.ensure_tokenizer).
+    scan_layers: both towers scan their blocks (config.model.*.scan_layers; basic.models.scan),
+      parameters stacked per layer; False: one module per block, as OpenCLIP's state dict.
   """
   config = vit_b16.get_config()
   _clip_common(config, image_size=image_size, text_width=text_width, text_depth=text_depth,
@@ -65,7 +67,7 @@ def clip_vit(*, image_size: int, patch_size: int, width: int, depth: int, num_he
                text_length=text_length, vocab_size=vocab_size, embed_dim=embed_dim,
                text_activation=activation, text_norm_eps=norm_eps, causal=causal,
                temperature_init=temperature_init, temperature_min=temperature_min,
-               tokenizer_path=tokenizer_path)
+               tokenizer_path=tokenizer_path, scan_layers=scan_layers)
   image = config.model.image
   image.update(dict(patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
                     mlp_dim=mlp_dim, pool='cls', posemb='learn'))
@@ -82,7 +84,8 @@ def clip_convnext(*, image_size: int, depths: tuple[int, ...], dims: tuple[int, 
                   text_activation: str = 'gelu', text_norm_eps: float = NORM_EPS,
                   causal: bool = True, drop_path: float = 0.0, temperature_init: float = 0.07,
                   temperature_min: float = 1 / CLIP_LOGIT_SCALE_MAX,
-                  tokenizer_path: str = '') -> ml_collections.ConfigDict:
+                  tokenizer_path: str = '', scan_layers: bool = False
+                  ) -> ml_collections.ConfigDict:
   """The full experiment config of an OpenCLIP CLIP with a timm ConvNeXt image tower.
 
   Args:
@@ -96,7 +99,7 @@ def clip_convnext(*, image_size: int, depths: tuple[int, ...], dims: tuple[int, 
       ConvNeXt always uses exact GELU).
     causal: causal text attention.
     drop_path: the ConvNeXt's stochastic depth when training (OpenCLIP's timm_drop_path).
-    temperature_init, temperature_min, tokenizer_path: as in `clip_vit`.
+    temperature_init, temperature_min, tokenizer_path, scan_layers: as in `clip_vit`.
   """
   config = convnext_xxlarge.get_config()
   _clip_common(config, image_size=image_size, text_width=text_width, text_depth=text_depth,
@@ -104,7 +107,7 @@ def clip_convnext(*, image_size: int, depths: tuple[int, ...], dims: tuple[int, 
                text_length=text_length, vocab_size=vocab_size, embed_dim=embed_dim,
                text_activation=text_activation, text_norm_eps=text_norm_eps, causal=causal,
                temperature_init=temperature_init, temperature_min=temperature_min,
-               tokenizer_path=tokenizer_path)
+               tokenizer_path=tokenizer_path, scan_layers=scan_layers)
   image = config.model.image
   image.variant = ''              # Explicit sizes (basic.models.convnext.variant_spec).
   image.depths = tuple(depths)
@@ -117,7 +120,8 @@ def clip_convnext(*, image_size: int, depths: tuple[int, ...], dims: tuple[int, 
 def _clip_common(config, *, image_size: int, text_width: int, text_depth: int,
                  text_num_heads: int, text_mlp_dim: int, text_length: int, vocab_size: int,
                  embed_dim: int, text_activation: str, text_norm_eps: float, causal: bool,
-                 temperature_init: float, temperature_min: float, tokenizer_path: str):
+                 temperature_init: float, temperature_min: float, tokenizer_path: str,
+                 scan_layers: bool):
   """What every converted CLIP shares: data sizes, CLIP's BPE, float32, the text tower."""
   config.data.image_size = image_size
   config.data.text_length = text_length
@@ -142,6 +146,8 @@ def _clip_common(config, *, image_size: int, text_width: int, text_depth: int,
   text.activation = text_activation
   text.norm_eps = text_norm_eps
   text.mask_padding = False
+  config.model.image.scan_layers = scan_layers
+  text.scan_layers = scan_layers
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, model='ViT-B-32', quick_gelu=False, tokenizer='')

@@ -146,6 +146,7 @@ def get_config(arg=None):
   config.model.image.pool = 'gap'          # 'gap' | 'cls'
   config.model.image.dropout = 0.0
   config.model.image.remat = 'none'
+  config.model.image.scan_layers = False  # True: one nn.scan over the blocks (basic.models.scan).
   # Image token reduction in training (ViT only; basic/models/vit.py): drop `ratio` of the patch
   # tokens per example. kind: 'none' | 'random' | 'grid' | 'block' (cells of `cell` x `cell`).
   config.model.image.mask = ml_collections.ConfigDict()
@@ -163,6 +164,7 @@ def get_config(arg=None):
   config.model.text.pool = 'mean'          # 'mean' (over non-pad) | 'eos' (last non-pad) | 'first'
   config.model.text.dropout = 0.0
   config.model.text.remat = 'none'
+  config.model.text.scan_layers = False  # True: one nn.scan over the blocks (basic.models.scan).
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'

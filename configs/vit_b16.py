@@ -51,6 +51,7 @@ def get_config(arg=None):
   config.model.image.posemb = 'learn'   # CLIP: learned position embedding.
   config.model.image.dropout = 0.0
   config.model.image.remat = 'dots_with_no_batch_dims_saveable'  # (CHOICE)
+  config.model.image.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
   config.model.text = ml_collections.ConfigDict()
   config.model.text.name = 'transformer'
@@ -63,6 +64,7 @@ def get_config(arg=None):
   config.model.text.pool = 'eos'        # features at the [EOS] token.
   config.model.text.dropout = 0.0
   config.model.text.remat = 'dots_with_no_batch_dims_saveable'  # (CHOICE)
+  config.model.text.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'       # CLIP Sec. 2.5: Adam with decoupled weight decay.

@@ -54,6 +54,8 @@ from timm's own model for another registered name; --norm_eps overrides (a custo
 Every state-dict entry must be used and every parameter found, or the conversion fails naming
 the key. The temperature floor (config.model.temperature_min) is CLIP's 0.01, lowered to the
 checkpoint's temperature if that is below it, so the converted model computes the same logits.
+--scan_layers writes a config whose towers scan their blocks (config.model.*.scan_layers) and
+the parameters in that stacked layout (basic.models.scan.to_layout of the table's layout).
 """
 import json
 import os
@@ -78,6 +80,7 @@ from basic import checkpoint as checkpoint_lib
 from basic import tokenizer as tokenizer_lib
 from basic.models import DualEncoder
 from basic.models import convnext
+from basic.models import scan as scan_lib
 
 # OpenCLIP's defaults for fields its model configs may leave out (open_clip/model.py
 # CLIPVisionCfg, CLIPTextCfg).
@@ -579,7 +582,8 @@ def _check_against_model(params: dict, config):
 
 
 def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str] = None,
-            quick_gelu: Optional[bool] = None, norm_eps: Optional[float] = None) -> str:
+            quick_gelu: Optional[bool] = None, norm_eps: Optional[float] = None,
+            scan_layers: bool = False) -> str:
   """Converts `checkpoint` (an OpenCLIP ViT or timm ConvNeXt CLIP, see the module docstring)
   into a basic checkpoint at `output` (local or gs://; step 0). Returns `output`.
 
@@ -591,6 +595,7 @@ def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str
     quick_gelu: override the model config's activation (OpenAI's TorchScript files: True).
     norm_eps: the LayerNorm eps of a timm ConvNeXt image tower (default: timm's for the model
       named by vision_cfg.timm_model_name).
+    scan_layers: write a config with scanned towers and the parameters stacked per layer.
   """
   from configs import open_clip as open_clip_configs  # pylint: disable=g-import-not-at-top
   state, jit = load_state_dict(checkpoint)
@@ -606,11 +611,14 @@ def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str
   build = {'vit': open_clip_configs.clip_vit, 'convnext': open_clip_configs.clip_convnext}
   config = build[arch['image_tower']](
       **{k: v for k, v in arch.items() if k != 'image_tower'},
-      temperature_min=min(1 / open_clip_configs.CLIP_LOGIT_SCALE_MAX, temperature))
+      temperature_min=min(1 / open_clip_configs.CLIP_LOGIT_SCALE_MAX, temperature),
+      scan_layers=scan_layers)
   tok = tokenizer_lib.make_tokenizer(config.tokenizer, tokenizer, config.data.text_length)
   if tok.vocab_size > arch['vocab_size']:
     raise ValueError(f'--tokenizer={tokenizer}: {tok.vocab_size} ids, more than the '
                      f'{arch["vocab_size"]} rows of token_embedding.weight.')
+  if scan_layers:
+    params = scan_lib.for_config(params, config)
   _check_against_model(params, config)
   ckpt = checkpoint_lib.Checkpointer(output, async_save=False)
   if ckpt.latest_step() is not None:
@@ -638,6 +646,8 @@ def _define_flags():
                     '-quickgelu models) or GELU (--noquick_gelu).')
   flags.DEFINE_float('norm_eps', None, 'LayerNorm eps of a timm ConvNeXt image tower (default: '
                      "timm's for vision_cfg.timm_model_name; needed for a custom timm model).")
+  flags.DEFINE_bool('scan_layers', False, 'Write the towers scanned (config.model.*.scan_layers) '
+                    'with their blocks\' parameters stacked per layer.')
   flags.mark_flags_as_required(['model', 'checkpoint', 'output'])
 
 
@@ -649,7 +659,7 @@ def main(argv):
     raise app.UsageError(f'--checkpoint={options.checkpoint}: no such file.')
   output = convert(options.model, options.checkpoint, options.output,
                    tokenizer=options.tokenizer, quick_gelu=options.quick_gelu,
-                   norm_eps=options.norm_eps)
+                   norm_eps=options.norm_eps, scan_layers=options.scan_layers)
   print(f'Wrote {output}: basic.inference.load({output!r}); continue training with '
         f'--config=configs/from_checkpoint.py:path={output}')
 

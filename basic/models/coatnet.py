@@ -37,15 +37,20 @@ BatchNorm moving statistics (non-trainable, 2 per channel, absent here); ConvNeX
 nets train as well with LayerNorm, but ImageNet numbers of the paper are not reproduced here.
 
 Stochastic depth (drop path) drops each block's residual branch per example with a rate
-rising linearly from 0 at the first block to `drop_path` at the last (rng stream 'dropout').
+rising linearly from 0 at the first block to `drop_path` at the last (rng stream 'dropout':
+block l, counted over the tower, uses fold_in(k, l) of one key k, see `basic.models.scan`).
 Every block can be rematerialised with a `basic.models.transformer.REMAT_POLICIES` policy.
+With `scan_layers`, the blocks after each stage's first (downsampling) one run as one `nn.scan`
+over stacked parameters: 'stage3_block00' stays, 'stage3_block01'.. become 'stage3_block_scan'.
 """
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from basic.models import scan as scan_lib
 from basic.models import transformer
 
 # name -> (stem width D0, blocks per stage, widths per stage, block types, strides, head dim).
@@ -104,28 +109,46 @@ def _max_pool(x):
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
 
 
-def _remat(block_cls, policy_name: str):
+def _remat(block_cls, policy_name: str, prevent_cse: bool = True):
   """`block_cls` under `nn.remat` with a `transformer.REMAT_POLICIES` policy ('none' = as is).
 
-  Blocks here are called as `block(x, deterministic)`; nn.remat counts `self` as argument 0, so
-  the Python bool `deterministic` (static for the remat trace) is argument 2.
+  Blocks here are called as `block(x, deterministic, rng, rate)`; nn.remat counts `self` as
+  argument 0, so the Python bool `deterministic` (static for the remat trace) is argument 2.
   """
   if policy_name not in transformer.REMAT_POLICIES:
     raise ValueError(f'config.model.image.remat={policy_name!r}: one of '
                      f'{sorted(transformer.REMAT_POLICIES)}.')
   if policy_name == 'none':
     return block_cls
-  return nn.remat(block_cls, policy=transformer.REMAT_POLICIES[policy_name], static_argnums=(2,))
+  return nn.remat(block_cls, policy=transformer.REMAT_POLICIES[policy_name], static_argnums=(2,),
+                  prevent_cse=prevent_cse)
+
+
+def drop_path(x, rate, rng, deterministic: bool):
+  """Stochastic depth: x [B, ...] with each example's whole x zeroed with probability `rate`,
+  kept ones scaled by 1 / (1 - rate) (flax nn.Dropout with one draw per example).
+
+  `rate`: a Python float or a float32 scalar array (a scanned layer's rate); the same float32
+  arithmetic either way, so scanned and unscanned blocks drop the same examples.
+  """
+  if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
 class DropPath(nn.Module):
-  """Stochastic depth: zeroes the whole residual branch of an example with prob `rate`."""
+  """Stochastic depth (`drop_path`) at `rate`, or at the call's `rate` when given (an array for
+  a scanned layer); key `rng`, or one from the 'dropout' stream when None."""
   rate: float
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
-    broadcast = tuple(range(1, x.ndim))  # One draw per example.
-    return nn.Dropout(self.rate, broadcast_dims=broadcast)(x, deterministic)
+  def __call__(self, x, deterministic: bool, rng=None, rate=None):
+    rate = self.rate if rate is None else rate
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+      return x
+    return drop_path(x, rate, self.make_rng('dropout') if rng is None else rng, deterministic)
 
 
 def _shortcut(x, features, stride, dtype):
@@ -150,7 +173,8 @@ class MBConvBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, rng=None, rate=None):
+    """rng: the drop-path key (None: from the 'dropout' stream); rate: overrides drop_path."""
     shortcut = _shortcut(x, self.features, self.stride, self.dtype)
     mid = self.features * self.expansion          # Expansion from the output channels.
     y = nn.LayerNorm(dtype=self.dtype, name='ln_pre')(x)
@@ -165,7 +189,7 @@ class MBConvBlock(nn.Module):
                          name='se_reduce')(s))
     y = y * nn.sigmoid(nn.Dense(mid, dtype=self.dtype, name='se_expand')(s))
     y = nn.Conv(self.features, (1, 1), dtype=self.dtype, name='project')(y)
-    return shortcut + DropPath(self.drop_path)(y, deterministic)
+    return shortcut + DropPath(self.drop_path)(y, deterministic, rng, rate)
 
 
 class RelativeAttention(nn.Module):
@@ -209,7 +233,9 @@ class TransformerBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, rng=None, rate=None):
+    """rng: key of the two drop paths (fold_in 0, 1; None: from the 'dropout' stream); rate:
+    overrides drop_path."""
     if self.features % self.head_dim:
       raise ValueError(f'CoAtNet Transformer width {self.features} is not a multiple of '
                        f'config.model.image head_dim={self.head_dim}.')
@@ -219,11 +245,11 @@ class TransformerBlock(nn.Module):
       y = _max_pool(y)
     y = RelativeAttention(self.features // self.head_dim, self.head_dim, self.dtype,
                           name='attn')(y)
-    x = shortcut + DropPath(self.drop_path)(y, deterministic)
+    x = shortcut + DropPath(self.drop_path)(y, deterministic, scan_lib.fold(rng, 0), rate)
     y = nn.LayerNorm(dtype=self.dtype, name='ln_mlp')(x)
     y = nn.gelu(nn.Dense(self.features * self.mlp_ratio, dtype=self.dtype, name='mlp_in')(y))
     y = nn.Dense(self.features, dtype=self.dtype, name='mlp_out')(y)
-    return x + DropPath(self.drop_path)(y, deterministic)
+    return x + DropPath(self.drop_path)(y, deterministic, scan_lib.fold(rng, 1), rate)
 
 
 class CoAtNet(nn.Module):
@@ -242,6 +268,7 @@ class CoAtNet(nn.Module):
   drop_path: float = 0.0
   remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  scan_layers: bool = False   # Scan the blocks after each stage's first (basic.models.scan).
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -254,25 +281,37 @@ class CoAtNet(nn.Module):
     x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name='stem_ln')(x))
     x = nn.Conv(self.stem_dim, (3, 3), padding='SAME', dtype=self.dtype, name='stem_conv2')(x)
 
-    mbconv = _remat(MBConvBlock, self.remat)
-    attn_block = _remat(TransformerBlock, self.remat)
     total = sum(self.depths)
+    rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]  # 0 at the first.
+    rng = self.make_rng('dropout') if train and self.drop_path > 0 else None
     index = 0
     for s, (depth, dim, kind, stride) in enumerate(
         zip(self.depths, self.dims, self.block_types, strides)):
-      for i in range(depth):
-        rate = self.drop_path * index / max(total - 1, 1)  # Linear in depth, 0 at the first.
+      if kind not in BLOCK_TYPES:
+        raise ValueError(f'CoAtNet block type {kind!r}: one of {BLOCK_TYPES}.')
+
+      def make(i, rate, name, prevent_cse=True, kind=kind, dim=dim, stride=stride):
         block_stride = stride if i == 0 else 1
-        name = f'stage{s + 1}_block{i:02d}'
         if kind == 'C':
-          block = mbconv(dim, block_stride, self.expansion, self.se_ratio, rate, self.dtype,
-                         name=name)
-        elif kind == 'T':
-          block = attn_block(dim, self.head_dim, block_stride, self.expansion, rate,
-                             self.dtype, name=name)
-        else:
-          raise ValueError(f'CoAtNet block type {kind!r}: one of {BLOCK_TYPES}.')
-        x = block(x, not train)
+          return _remat(MBConvBlock, self.remat, prevent_cse)(
+              dim, block_stride, self.expansion, self.se_ratio, rate, self.dtype, name=name)
+        return _remat(TransformerBlock, self.remat, prevent_cse)(
+            dim, self.head_dim, block_stride, self.expansion, rate, self.dtype, name=name)
+
+      prefix = f'stage{s + 1}_block'
+      unscanned = min(depth, 1) if self.scan_layers else depth
+      for i in range(unscanned):
+        x = make(i, rates[index], scan_lib.block_name(prefix, i))(
+            x, not train, scan_lib.layer_rng(rng, index))
         index += 1
+      if depth > unscanned:   # Blocks 1.. of the stage: stride 1, equal shapes, one scan.
+        n = depth - unscanned
+        stage_rates = (None if self.drop_path == 0 else
+                       jnp.asarray(rates[index:index + n], jnp.float32))
+        x = scan_lib.scan_blocks(
+            make(1, 0.0, scan_lib.scan_name(prefix), prevent_cse=False), x,
+            (scan_lib.layer_rngs(rng, index, n), stage_rates), n,
+            lambda mdl, y, xs: mdl(y, not train, *xs))
+        index += n
     x = x.mean(axis=(1, 2))
     return nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)

@@ -25,9 +25,12 @@ LayerNorms here are per example (no batch statistics), so gradient-cached steps 
 Stochastic depth (drop path) drops each block's residual branch per example, scaled by
 1 / (1 - rate), with rates linear in the block index from 0 (first block) to `drop_path` (last)
 over all sum(depths) blocks, as timm's `calculate_drop_path_rates` (torch.linspace(0, rate,
-sum(depths))); rng stream 'dropout'. Every block can be rematerialised with a
+sum(depths))); rng stream 'dropout' (block l, counted over the tower, uses fold_in(k, l) of one
+key k, see `basic.models.scan`). Every block can be rematerialised with a
 `basic.models.transformer.REMAT_POLICIES` policy (OpenCLIP `--grad-checkpointing` checkpoints
-the blocks of each stage).
+the blocks of each stage). With `scan_layers`, the blocks after each stage's first one run as
+one `nn.scan` over stacked parameters: 'stage2_block00' stays, 'stage2_block01'.. become
+'stage2_block_scan' (as in CoAtNet, whose first blocks downsample).
 """
 from typing import Sequence
 
@@ -35,6 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from basic.models import coatnet
+from basic.models import scan as scan_lib
 from basic.models import transformer
 
 # name -> (depths per stage, widths per stage, LayerNorm epsilon); timm's `convnext_*` model
@@ -88,7 +92,8 @@ class ConvNeXtBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, rng=None, rate=None):
+    """rng: the drop-path key (None: from the 'dropout' stream); rate: overrides drop_path."""
     dim = x.shape[-1]
     init = nn.initializers.truncated_normal(0.02)   # timm _init_weights: trunc_normal_(.02).
     k = self.kernel_size
@@ -101,7 +106,7 @@ class ConvNeXtBlock(nn.Module):
     gamma = self.param('gamma', nn.initializers.constant(self.layer_scale_init), (dim,),
                        jnp.float32)
     y = y * gamma.astype(y.dtype)
-    return x + coatnet.DropPath(self.drop_path)(y, deterministic)
+    return x + coatnet.DropPath(self.drop_path)(y, deterministic, rng, rate)
 
 
 class ConvNeXt(nn.Module):
@@ -119,6 +124,7 @@ class ConvNeXt(nn.Module):
   drop_path: float = 0.0
   remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
+  scan_layers: bool = False   # Scan the blocks after each stage's first (basic.models.scan).
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -131,7 +137,10 @@ class ConvNeXt(nn.Module):
                 dtype=self.dtype, name='stem_conv')(images)
     x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='stem_norm')(x)
     block_cls = transformer.maybe_remat(ConvNeXtBlock, self.remat, static_argnums=(2,))
+    scanned_cls = transformer.maybe_remat(ConvNeXtBlock, self.remat, static_argnums=(2,),
+                                          prevent_cse=False)
     rates = drop_path_rates(self.drop_path, self.depths)
+    rng = self.make_rng('dropout') if train and self.drop_path > 0 else None
     index = 0
     for s, (depth, dim) in enumerate(zip(self.depths, self.dims)):
       if s > 0:
@@ -139,9 +148,21 @@ class ConvNeXt(nn.Module):
                          name=f'stage{s}_downsample_norm')(x)
         x = nn.Conv(dim, (2, 2), strides=(2, 2), padding='VALID', kernel_init=init,
                     dtype=self.dtype, name=f'stage{s}_downsample_conv')(x)
-      for i in range(depth):
+      prefix = f'stage{s}_block'
+      unscanned = min(depth, 1) if self.scan_layers else depth
+      for i in range(unscanned):
         x = block_cls(self.kernel_size, self.mlp_ratio, self.layer_scale_init, self.norm_eps,
-                      rates[index], self.dtype, name=f'stage{s}_block{i:02d}')(x, not train)
+                      rates[index], self.dtype, name=scan_lib.block_name(prefix, i))(
+                          x, not train, scan_lib.layer_rng(rng, index))
         index += 1
+      if depth > unscanned:
+        n = depth - unscanned
+        stage_rates = (None if self.drop_path == 0 else
+                       jnp.asarray(rates[index:index + n], jnp.float32))
+        block = scanned_cls(self.kernel_size, self.mlp_ratio, self.layer_scale_init,
+                            self.norm_eps, 0.0, self.dtype, name=scan_lib.scan_name(prefix))
+        x = scan_lib.scan_blocks(block, x, (scan_lib.layer_rngs(rng, index, n), stage_rates), n,
+                                 lambda mdl, y, xs: mdl(y, not train, *xs))
+        index += n
     x = x.mean(axis=(1, 2))
     return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='head_norm')(x)

@@ -21,6 +21,14 @@ from basic.models import vit
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+def _scan_layers(cfg, tower: str) -> bool:
+  """`config.model.<tower>.scan_layers` (absent = False), checked to be a bool."""
+  value = cfg.get('scan_layers', False)
+  if not isinstance(value, bool):
+    raise ValueError(f'config.model.{tower}.scan_layers={value!r}: must be True or False.')
+  return value
+
+
 IMAGE_TOWERS = ('vit', 'coatnet', 'convnext')
 TEXT_TOWERS = ('transformer',)
 
@@ -36,13 +44,15 @@ def _image_tower(cfg, dtype):
                    activation=cfg.get('activation', transformer.DEFAULT_ACTIVATION),
                    norm_eps=cfg.get('norm_eps', transformer.DEFAULT_NORM_EPS),
                    ln_pre=cfg.get('ln_pre', False), patch_bias=cfg.get('patch_bias', True),
-                   name='image')
+                   scan_layers=_scan_layers(cfg, 'image'), name='image')
   if cfg.name == 'coatnet':
     return coatnet.CoAtNet(**coatnet.variant_spec(cfg), drop_path=cfg.get('drop_path', 0.0),
-                           remat=cfg.get('remat', 'none'), dtype=dtype, name='image')
+                           remat=cfg.get('remat', 'none'), dtype=dtype,
+                           scan_layers=_scan_layers(cfg, 'image'), name='image')
   if cfg.name == 'convnext':
     return convnext.ConvNeXt(**convnext.variant_spec(cfg), drop_path=cfg.get('drop_path', 0.0),
-                             remat=cfg.get('remat', 'none'), dtype=dtype, name='image')
+                             remat=cfg.get('remat', 'none'), dtype=dtype,
+                             scan_layers=_scan_layers(cfg, 'image'), name='image')
   raise ValueError(f'Unknown config.model.image.name {cfg.name!r}.')
 
 
@@ -54,7 +64,8 @@ def _text_tower(cfg, dtype):
         pool=cfg.pool, dropout=cfg.dropout,
         remat=cfg.remat, dtype=dtype,
         activation=cfg.get('activation', transformer.DEFAULT_ACTIVATION),
-        norm_eps=cfg.get('norm_eps', transformer.DEFAULT_NORM_EPS), name='text')
+        norm_eps=cfg.get('norm_eps', transformer.DEFAULT_NORM_EPS),
+        scan_layers=_scan_layers(cfg, 'text'), name='text')
   raise ValueError(f'Unknown config.model.text.name {cfg.name!r}.')
 
 

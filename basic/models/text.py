@@ -35,6 +35,7 @@ class TextTransformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   activation: str = transformer.DEFAULT_ACTIVATION
   norm_eps: float = transformer.DEFAULT_NORM_EPS
+  scan_layers: bool = False  # One nn.scan over the Transformer blocks (basic.models.scan).
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -55,7 +56,7 @@ class TextTransformer(nn.Module):
     mask = jnp.logical_or(mask, jnp.eye(length, dtype=bool)[None, None])
     x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout,
                             self.remat, self.dtype, self.activation, self.norm_eps,
-                            name='encoder')(x, mask, train=train)
+                            scan_layers=self.scan_layers, name='encoder')(x, mask, train=train)
     if self.pool == 'mean':
       w = valid.astype(x.dtype)[..., None]
       return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1)

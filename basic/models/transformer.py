@@ -1,7 +1,9 @@
 """Pre-norm Transformer encoder shared by the image (ViT) and text towers.
 
 Shapes: B batch, T tokens, D width. Every block is optionally rematerialised with a
-`jax.checkpoint` policy chosen by name in the config (`remat`), see `REMAT_POLICIES`.
+`jax.checkpoint` policy chosen by name in the config (`remat`), see `REMAT_POLICIES`. With
+`scan_layers` the blocks run as one `nn.scan` over stacked parameters (`basic.models.scan`:
+module 'block_scan' instead of 'block00'..; the same function, compiled once).
 
 Options whose defaults keep the original numerics (and every existing config unchanged):
 `activation` of the MLP (`ACTIVATIONS`; default 'gelu_tanh', the tanh approximation, which is
@@ -13,6 +15,8 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from basic.models import scan as scan_lib
 
 # Names accepted by `config.model.*.remat`. None: no rematerialisation (all activations kept).
 REMAT_POLICIES = {
@@ -34,20 +38,21 @@ DEFAULT_ACTIVATION = 'gelu_tanh'
 DEFAULT_NORM_EPS = 1e-6   # flax.linen.LayerNorm's default epsilon.
 
 
-def maybe_remat(block_cls, policy_name: str, static_argnums=(3,)):
+def maybe_remat(block_cls, policy_name: str, static_argnums=(3,), prevent_cse: bool = True):
   """Returns `block_cls` wrapped in `nn.remat` with the named policy ('none' = unwrapped).
 
   `static_argnums`: the positions of Python-bool call arguments (`deterministic`), which must
   stay static for the remat trace. nn.remat counts `self` as argument 0, so in
   EncoderBlock.__call__(self, x, mask, deterministic) it is 3 (the default); a block called as
-  `block(x, deterministic)` passes (2,).
+  `block(x, deterministic)` passes (2,). `prevent_cse=False` inside `nn.scan` (the scan already
+  keeps XLA from merging the recomputation with the forward pass; jax.checkpoint's advice).
   """
   if policy_name not in REMAT_POLICIES:
     raise ValueError(f'Unknown remat policy {policy_name!r}; one of {sorted(REMAT_POLICIES)}.')
   if policy_name == 'none':
     return block_cls
   return nn.remat(block_cls, policy=REMAT_POLICIES[policy_name],
-                  static_argnums=tuple(static_argnums))
+                  static_argnums=tuple(static_argnums), prevent_cse=prevent_cse)
 
 
 def activation_fn(name: str):
@@ -65,13 +70,14 @@ class MlpBlock(nn.Module):
   activation: str = DEFAULT_ACTIVATION
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool, rng=None):
+    """rng: the dropout key (None: drawn from the 'dropout' stream)."""
     width = x.shape[-1]
     init = nn.initializers.xavier_uniform()
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init,
                  bias_init=nn.initializers.normal(stddev=1e-6))(x)
     x = activation_fn(self.activation)(x)
-    x = nn.Dropout(self.dropout)(x, deterministic)
+    x = nn.Dropout(self.dropout)(x, deterministic, rng=rng)
     return nn.Dense(width, dtype=self.dtype, kernel_init=init,
                     bias_init=nn.initializers.normal(stddev=1e-6))(x)
 
@@ -80,6 +86,8 @@ class EncoderBlock(nn.Module):
   """x + Attn(LN(x)); x + Mlp(LN(x)). [B, T, D] -> [B, T, D].
 
   `mask` is a boolean attention mask broadcastable to [B, heads, T, T] (True = attend), or None.
+  `rng`: the block's dropout key; its three dropout layers use fold_in(rng, 0 / 1 / 2) (None:
+  each draws from the 'dropout' stream by its module path).
   """
   num_heads: int
   mlp_dim: int
@@ -89,21 +97,26 @@ class EncoderBlock(nn.Module):
   norm_eps: float = DEFAULT_NORM_EPS
 
   @nn.compact
-  def __call__(self, x, mask, deterministic: bool):
+  def __call__(self, x, mask, deterministic: bool, rng=None):
     y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_attn')(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), name='attn',
     )(y, y, mask=mask, deterministic=True)
-    x = x + nn.Dropout(self.dropout)(y, deterministic)
+    x = x + nn.Dropout(self.dropout)(y, deterministic, rng=scan_lib.fold(rng, 0))
     y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_mlp')(x)
     y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name='mlp')(
-        y, deterministic)
-    return x + nn.Dropout(self.dropout)(y, deterministic)
+        y, deterministic, scan_lib.fold(rng, 1))
+    return x + nn.Dropout(self.dropout)(y, deterministic, rng=scan_lib.fold(rng, 2))
 
 
 class Encoder(nn.Module):
-  """`depth` EncoderBlocks followed by a final LayerNorm. [B, T, D] -> [B, T, D]."""
+  """`depth` EncoderBlocks followed by a final LayerNorm. [B, T, D] -> [B, T, D].
+
+  Blocks 'block00'.. or, with `scan_layers`, one scanned 'block_scan' (parameters stacked
+  [depth, ...]); equal outputs for converted parameters (`basic.models.scan`). In training with
+  dropout, block l's dropout key is fold_in(k, l), k drawn once from the 'dropout' stream.
+  """
   depth: int
   num_heads: int
   mlp_dim: int
@@ -112,11 +125,22 @@ class Encoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   activation: str = DEFAULT_ACTIVATION
   norm_eps: float = DEFAULT_NORM_EPS
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x, mask: Optional[jnp.ndarray] = None, *, train: bool = False):
-    block = maybe_remat(EncoderBlock, self.remat)
-    for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.activation,
-                self.norm_eps, name=f'block{i:02d}')(x, mask, not train)
+    rng = self.make_rng('dropout') if train and self.dropout > 0 else None
+    args = (self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.activation,
+            self.norm_eps)
+    if self.scan_layers:
+      block = maybe_remat(EncoderBlock, self.remat, prevent_cse=False)(
+          *args, name=scan_lib.scan_name('block'))
+      x = scan_lib.scan_blocks(
+          block, x, scan_lib.layer_rngs(rng, 0, self.depth), self.depth,
+          lambda mdl, y, layer_rng: mdl(y, mask, not train, layer_rng))
+    else:
+      block = maybe_remat(EncoderBlock, self.remat)
+      for i in range(self.depth):
+        x = block(*args, name=scan_lib.block_name('block', i))(
+            x, mask, not train, scan_lib.layer_rng(rng, i))
     return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_final')(x)

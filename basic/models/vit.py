@@ -108,6 +108,7 @@ class ViT(nn.Module):
   norm_eps: float = transformer.DEFAULT_NORM_EPS     # Every LayerNorm's epsilon.
   ln_pre: bool = False       # LayerNorm over all tokens before the Transformer (CLIP's ln_pre).
   patch_bias: bool = True    # Bias of the patch-embedding convolution (CLIP has none).
+  scan_layers: bool = False  # One nn.scan over the Transformer blocks (basic.models.scan).
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -145,5 +146,5 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, not train)
     x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout,
                             self.remat, self.dtype, self.activation, self.norm_eps,
-                            name='encoder')(x, train=train)
+                            scan_layers=self.scan_layers, name='encoder')(x, train=train)
     return x[:, 0] if self.pool == 'cls' else x.mean(axis=1)

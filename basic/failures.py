@@ -21,9 +21,11 @@ exception leaves it, each step bounded by `run_bounded`.
 
 Several processes: each process runs a `PeerWatch`, a daemon thread that polls the key
 `basic/failed/` of the jax.distributed key-value store every `poll_s` seconds. A process that
-fails writes `basic/failed/{index}` (its exception, one line), waits `2 * poll_s` so the others
-read it while the coordinator (process 0) still lives, and exits EXIT_FAILED; the others log
-"process I failed: ..." and exit EXIT_PEER_FAILED. A watcher that cannot reach the coordinator
+fails writes `basic/failed/{index}` (its exception, one line) and exits EXIT_FAILED; the others
+log "process I failed: ..." and exit EXIT_PEER_FAILED. Process 0 hosts the coordinator, whose
+end makes JAX abort the other processes, so process 0 leaves last: failing, it waits `2 * poll_s`
+for the others to read its key; told of another's failure, it waits `2 * poll_s` as well, so the
+failing process exits first, with its own status. A watcher that cannot reach the coordinator
 any more (process 0 died, e.g. by kill -9) exits EXIT_PEER_FAILED as well. A process killed
 without a word is also caught by jax.distributed's heartbeat (`heartbeat_timeout_s`, see
 basic/multihost.py), which terminates the others.
@@ -134,6 +136,16 @@ class PeerWatch:
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('Could not announce the failure to the other processes: %s', e)
 
+  def failed_peer(self) -> Optional[tuple[str, str]]:
+    """(index, message) of another process that announced a failure, or None."""
+    try:
+      failed = self._client.key_value_dir_get(FAILED_KEY)
+    except Exception:  # pylint: disable=broad-except
+      return None
+    others = sorted((k.rsplit('/', 1)[-1], v) for k, v in failed
+                    if not k.endswith(f'/{self._index}'))
+    return others[0] if others else None
+
   def _run(self):
     while not self._stop.wait(self.poll_s):
       try:
@@ -155,6 +167,8 @@ class PeerWatch:
     logging.error('Process %d exits (status %d) because %s.', self._index, EXIT_PEER_FAILED, why)
     print(f'Process {self._index} exits because {why}.', file=sys.stderr)
     flush_all()
+    if self._index == 0:   # The coordinator leaves last (module docstring).
+      time.sleep(2 * self.poll_s)
     os._exit(EXIT_PEER_FAILED)  # pylint: disable=protected-access
 
 
@@ -194,12 +208,20 @@ def run_main(fn: Callable[[], object], *, timeout_s: float,
     except Exception:  # pylint: disable=broad-except
       index = 0
     text = ''.join(traceback.format_exception(error))
-    logging.error('Process %d failed (exit status %d):\n%s', index, status, text)
-    print(f'Process {index} failed: {_one_line(error)}', file=sys.stderr)
+    peer = _peer_watch.failed_peer() if _peer_watch is not None else None
+    if peer is not None:   # A consequence (say, a collective broken by the peer's exit).
+      status = EXIT_PEER_FAILED
+      logging.error('Process %d failed after process %s had failed (%s); exit status %d:\n%s',
+                    index, peer[0], peer[1], status, text)
+    else:
+      logging.error('Process %d failed (exit status %d):\n%s', index, status, text)
+      print(f'Process {index} failed: {_one_line(error)}', file=sys.stderr)
     if _peer_watch is not None:
-      _peer_watch.announce(error)
+      if peer is None:
+        _peer_watch.announce(error)
       flush_all()
-      time.sleep(2 * _peer_watch.poll_s)   # The others read the key while process 0 lives.
+      if index == 0:   # The others read the key while the coordinator (process 0) lives.
+        time.sleep(2 * _peer_watch.poll_s)
     flush_all()
     os._exit(status)  # pylint: disable=protected-access
   stop_peer_watch()

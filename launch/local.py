@@ -68,9 +68,10 @@ def launch(train_args, *, num_processes: int, devices_per_process: int,
     pumps.append(pump)
   deadline = time.monotonic() + timeout if timeout else None
   status, first, kill_at = 0, None, None
-  while any(p.poll() is None for p in procs):
-    if first is None:
-      first = next((i for i, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+  while any([p.poll() is None for p in procs]):   # A list: poll() every process (returncode).
+    if first is None:   # A process that failed, rather than one told of a failure (3).
+      failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+      first = min(failed, key=lambda i: procs[i].returncode == 3, default=None)
       if first is not None:
         status = procs[first].returncode
         kill_at = time.monotonic() + grace

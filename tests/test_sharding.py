@@ -81,13 +81,13 @@ def test_tiny_rules_unmatched_and_fsdp():
 
 @pytest.mark.parametrize('rule, message', [
     (('attn/query/kernel$', (None, 'model')), 'has 2 entries but the parameter has 3'),
-    (('attn/key/kernel$', (None, 'model', None)), 'not divisible by the 2 devices'),
+    (('attn/key/kernel$', (None, 'model', None)), 'not divisible by the 3 devices'),
     (('attn/value/kernel$', (None, 'tensor', None)), "unknown mesh axis 'tensor'"),
 ])
 def test_bad_rule_names_param_rule_and_field(rule, message):
-  params = _abstract_params(tiny.get_config())   # 3 heads: not divisible by model=2.
+  params = _abstract_params(tiny.get_config())   # 4 heads: not divisible by model=3.
   with pytest.raises(ValueError, match=message) as e:
-    sharding.param_partition_specs(params, (rule,), _abstract_mesh(4, 2))
+    sharding.param_partition_specs(params, (rule,), _abstract_mesh(2, 3))
   assert "'image/encoder/block00/attn/" in str(e.value)
   assert repr(rule[0]) in str(e.value) and 'config.sharding.rules' in str(e.value)
 

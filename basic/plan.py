@@ -22,6 +22,10 @@ shapes, and prints:
   params/image_tower: <int>    image tower + image projection
   params/text_tower: <int>     text tower + text projection
   params/total: <int>          everything (towers, projections, temperature, bias)
+  loss/devices, loss/chunk_size
+                               the devices the contrastive loss is split over (1: every device
+                               computes all of it) and c, its rows per logit block per device
+                               (basic.train.loss_axes / loss_chunk_size; 0 = the unchunked loss)
   memory/arguments_gib, memory/outputs_gib, memory/temporaries_gib, memory/total_gib
                                XLA's per-device estimate (compiled.memory_analysis()); total =
                                arguments + outputs - aliased (donated) + temporaries.
@@ -197,6 +201,9 @@ def plan(config, devices=None, *, costs: bool = False) -> dict:
   mem = compiled.memory_analysis()
   out = param_counts(abstract.params)
   out['mesh'] = dict(mesh.shape)
+  axes = train.loss_axes(config, mesh)   # The contrastive loss: devices it is split over, c.
+  out['loss/devices'] = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  out['loss/chunk_size'] = train.loss_chunk_size(config, mesh)
   total = None
   if mem is not None:
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes

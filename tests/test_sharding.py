@@ -271,6 +271,8 @@ def test_plan_tiny_prints_param_counts_and_memory():
   assert lines['params/total'] == '432769'
   assert int(lines['params/image_tower']) + int(lines['params/text_tower']) + 1 == 432769
   assert "{'data': 8, 'model': 1} on 8 devices" in lines['mesh']
+  # The loss split over the 8 devices, 32 rows each, in one automatic block.
+  assert lines['loss/devices'] == '8' and lines['loss/chunk_size'] == '32'
   for key in ('arguments', 'outputs', 'temporaries', 'total'):
     assert float(lines[f'memory/{key}_gib']) > 0
 

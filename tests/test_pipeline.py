@@ -60,6 +60,17 @@ def test_batches_are_the_dataset_examples(tokenizer):
   assert not np.array_equal(batches[0]['image'], batches[1]['image'])
 
 
+def test_batches_rendered_in_pieces_are_the_same(tokenizer, monkeypatch):
+  """A batch larger than the rendering piece (pipeline._SYNTHETIC_CHUNK, 4096; 5 here) is the
+  dataset's examples exactly, a piece boundary inside it."""
+  monkeypatch.setattr(pipeline, '_SYNTHETIC_CHUNK', 5)
+  config = _small_config()
+  batch = _take(pipeline.make_train_iterator(config, tokenizer, start_step=1), 1)[0]
+  examples = synthetic.ShapesDataset.from_config(config.data).train_examples(np.arange(16, 32))
+  np.testing.assert_array_equal(batch['image'], examples['image'])
+  np.testing.assert_array_equal(batch['text'], tokenizer.encode(list(examples['caption'])))
+
+
 def test_deterministic_and_resumable(tokenizer):
   config = _small_config()
   fresh = _take(pipeline.make_train_iterator(config, tokenizer), 5)

@@ -1,12 +1,10 @@
 """Failure modes of a pod run (issue 19): a crash exits (1 and 2 processes, busy input pipelines),
 one run per workdir (lock, stale takeover), a failed checkpoint write, resume with a changed
 config."""
-import errno
 import gzip
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from basic import train
 from basic import workdir_lock
 from configs import tiny
 import cpu_devices
+from tests.test_train import SMALL
 from tests.test_train import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,18 +240,22 @@ def _params(workdir, step):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_stops_names_path_and_resume_is_exact(straight_run, tmp_path):
-  """The save of step 4 fails in its background write (ENOSPC, injected): the run stops at the
-  next save, naming checkpoints/4 and the last good step 2; step 4 is never committed; the
-  rerun resumes from step 2 and ends equal to the uninterrupted run."""
+  """The save of step 4 fails in its background write (ENOSPC, injected) in a real run (a
+  subprocess): it stops at the next save with status 1, naming checkpoints/4 and the last good
+  step 2; step 4 is never committed; the rerun resumes from step 2 and ends equal to the
+  uninterrupted run."""
   failing = str(tmp_path / 'failing')
-  with pytest.raises(checkpoint_lib.CheckpointWriteError) as raised:
-    train.train_and_evaluate(small_config(debug_fail_checkpoint_at_step=4, **RESUMABLE), failing)
-  message = str(raised.value)
-  assert os.path.join(failing, 'checkpoints', '4') in message
-  assert 'the last good checkpoint is step 2' in message and 'No space left' in message
-  assert isinstance(raised.value.__cause__, OSError)
-  assert raised.value.__cause__.errno == errno.ENOSPC
+  overrides = {**SMALL, **RESUMABLE, 'debug_fail_checkpoint_at_step': 4}
+  code, out, after, _ = _run_timed(
+      _train_cmd(failing, *[f'--config.{k}={v}' for k, v in overrides.items()]),
+      env=_env(), timeout=600)
+  assert code == 1, out[-3000:]
+  assert (f'CheckpointWriteError: Saving checkpoint step 4 to {failing}/checkpoints/4 failed '
+          '(OSError: [Errno 28] No space left on device') in out, out[-3000:]
+  assert f'the last good checkpoint is step 2 in {failing}/checkpoints' in out
+  assert after is not None and after <= 60
   ckpt = checkpoint_lib.Checkpointer(os.path.join(failing, 'checkpoints'), read_only=True)
   assert ckpt.all_steps() == [2]   # No half-written step 4 (nor 6: the run stopped first).
   ckpt.close()
@@ -285,9 +288,9 @@ def test_resume_rules():
   assert config_lib.resume_diff(saved, tiny.get_config())['added'] == ['shutdown_timeout_s']
 
 
-def test_resume_with_changed_config(straight_run, tmp_path, caplog, monkeypatch):
+def test_resume_with_changed_config(tmp_path, caplog, monkeypatch):
   workdir = str(tmp_path / 'run')
-  shutil.copytree(straight_run, workdir)
+  train.train_and_evaluate(small_config(**RESUMABLE), workdir)   # Steps 1-6.
   compiled = []
   original = train.create_train_state
   monkeypatch.setattr(train, 'create_train_state',

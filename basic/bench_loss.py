@@ -296,10 +296,10 @@ def speed_section(command, r):
   return '\n'.join([
       '## Loss sharding speed', '', f'Command: `{command}`', '',
       f"Softmax loss value and gradients, N = {r['n']}, d = {r['d']}, {r['devices']} fake CPU "
-      f'devices on this 2-core machine (load average {bench._load_average():.1f}), fastest of '
+      f'devices on this 2-core machine (load average {bench._load_average()}), fastest of '
       f'{FLAGS.loss_rounds} interleaved rounds. The 8 "devices" share 2 cores, so the time '
-      'measures total work, not parallel speed-up: the sharded loss does 8 n N d = 0.8 N^2 d '
-      'FLOPs in all against 8 x 10 N^2 d replicated.', '',
+      'measures total work, not parallel speed-up: the sharded loss does 8 x 8 n N d = 8 N^2 d '
+      'FLOPs in all against 8 x 10 N^2 d replicated (predicted ratio 0.1).', '',
       '| form | seconds | relative |', '| --- | ---: | ---: |',
       f"| replicated | {r['replicated']:.3f} | 1.00 |",
       f"| sharded | {r['sharded']:.3f} | {r['sharded'] / r['replicated']:.3f} |"]) + '\n'

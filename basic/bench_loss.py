@@ -317,7 +317,8 @@ def main(argv):
     section = speed_section(command, speed_rows())
   print(section)
   if FLAGS.out:
-    bench._write_named_section(FLAGS.out, section.split('\n', 1)[0], section)  # pylint: disable=protected-access
+    title = section.split('\n', 1)[0]
+    bench._write_named_section(FLAGS.out, title, section)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -49,6 +49,20 @@ from basic import contrastive
 
 AxisNames = Union[str, Sequence[str]]
 
+# The single-device module's building blocks: the same maths and the same rounding.
+# pylint: disable=protected-access
+_check_inputs = contrastive._check_inputs
+_chunk_rows = contrastive._chunk_rows
+_chunking = contrastive._chunking
+_diagonal_logits = contrastive._diagonal_logits
+_is_diagonal = contrastive._is_diagonal
+_matmul = contrastive._matmul
+_pair_labels = contrastive._pair_labels
+_pairwise_logits = contrastive._pairwise_logits
+_split_rows = contrastive._split_rows
+_to_f32 = contrastive._to_f32
+# pylint: enable=protected-access
+
 
 def _axes_tuple(axes: AxisNames):
   return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -66,9 +80,9 @@ def _local_chunks(x_p, chunk, offset):
   """Own rows (n, d) -> (num_chunks, c, d) chunks (zero-padded), (num_chunks, c) global row
   indices and validity (local index < n)."""
   n = x_p.shape[0]
-  chunk, num_chunks = contrastive._chunking(n, chunk)  # pylint: disable=protected-access
-  rows, valid = contrastive._chunk_rows(n, chunk, num_chunks)  # pylint: disable=protected-access
-  return (contrastive._split_rows(x_p, chunk, num_chunks),  # pylint: disable=protected-access
+  chunk, num_chunks = _chunking(n, chunk)
+  rows, valid = _chunk_rows(n, chunk, num_chunks)
+  return (_split_rows(x_p, chunk, num_chunks),
           rows + offset, valid)
 
 
@@ -82,12 +96,18 @@ def _gather(y_p, axes):
   return jax.lax.all_gather(y_p, axes, axis=0, tiled=True)
 
 
-def _check(image_emb, text_emb, mesh, axes):
-  contrastive._check_inputs(image_emb, text_emb)  # pylint: disable=protected-access
+def _check(image_emb, text_emb, mesh, axes, chunk_size, precision):
+  """Validates the arguments; -> (axes as a tuple, chunk_size as an int)."""
+  axes = _axes_tuple(axes)
+  _check_inputs(image_emb, text_emb)
   shards = num_shards(mesh, axes)
   if image_emb.shape[0] % shards:
     raise ValueError(f'N={image_emb.shape[0]} rows are not divisible by the {shards} devices of '
-                     f'mesh axes {_axes_tuple(axes)}.')
+                     f'mesh axes {axes}.')
+  contrastive.precision_of(precision)
+  if int(chunk_size) < 1:
+    raise ValueError(f'chunk_size={chunk_size}: the sharded loss needs c >= 1.')
+  return axes, int(chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +117,7 @@ def _check(image_emb, text_emb, mesh, axes):
 
 def _softmax_fwd_local(x_p, y_p, t, *, axes, chunk, precision):
   """Per device: -> (loss (), row_lse_p (n,), col_lse (N,) replicated)."""
-  x_p, y_p, t = contrastive._to_f32(x_p, y_p, t)  # pylint: disable=protected-access
+  x_p, y_p, t = _to_f32(x_p, y_p, t)
   n = x_p.shape[0]
   y_all = _gather(y_p, axes)
   n_global = y_all.shape[0]
@@ -106,7 +126,7 @@ def _softmax_fwd_local(x_p, y_p, t, *, axes, chunk, precision):
   def step(carry, inputs):
     col_max, col_sum = carry   # Online log-sum-exp over this device's rows, per column.
     x_k, valid_k = inputs
-    logits = contrastive._pairwise_logits(x_k, y_all, t, precision)  # (c, N)  pylint: disable=protected-access
+    logits = _pairwise_logits(x_k, y_all, t, precision)  # (c, N)
     row_lse = jax.nn.logsumexp(logits, axis=1)
     masked = jnp.where(valid_k[:, None], logits, -jnp.inf)
     new_max = jnp.maximum(col_max, jnp.max(masked, axis=0))   # Finite: a chunk has a valid row.
@@ -120,7 +140,7 @@ def _softmax_fwd_local(x_p, y_p, t, *, axes, chunk, precision):
   partial_lse = col_max + jnp.log(col_sum)   # (N,) over this device's n images.
   top = jax.lax.pmax(partial_lse, axes)
   col_lse = top + jnp.log(jax.lax.psum(jnp.exp(partial_lse - top), axes))
-  diag = contrastive._diagonal_logits(x_p, y_p, t)  # pylint: disable=protected-access
+  diag = _diagonal_logits(x_p, y_p, t)
   local = jnp.sum(row_lse) - 2 * jnp.sum(diag)
   loss = (jax.lax.psum(local, axes) + jnp.sum(col_lse)) / (2 * n_global)
   return loss, row_lse, col_lse
@@ -129,23 +149,23 @@ def _softmax_fwd_local(x_p, y_p, t, *, axes, chunk, precision):
 def _softmax_bwd_local(x_p, y_p, t, row_lse, col_lse, g, *, axes, chunk, precision):
   """Per device: -> (d x_p (n, d), d y_p (n, d), d t ())."""
   in_dtypes = (x_p.dtype, y_p.dtype, t.dtype)
-  x_p, y_p, t = contrastive._to_f32(x_p, y_p, t)  # pylint: disable=protected-access
+  x_p, y_p, t = _to_f32(x_p, y_p, t)
   n = x_p.shape[0]
   y_all = _gather(y_p, axes)
   n_global = y_all.shape[0]
   xs, rows, valid = _local_chunks(x_p, chunk, _offset(axes, n))
-  lse = contrastive._split_rows(row_lse, xs.shape[1], xs.shape[0])  # pylint: disable=protected-access
+  lse = _split_rows(row_lse, xs.shape[1], xs.shape[0])
   scale = g.astype(jnp.float32) / (2 * n_global)
 
   def step(carry, inputs):
     d_y, d_t = carry
     x_k, lse_k, rows_k, valid_k = inputs
-    logits = contrastive._pairwise_logits(x_k, y_all, t, precision)  # (c, N)  pylint: disable=protected-access
+    logits = _pairwise_logits(x_k, y_all, t, precision)  # (c, N)
     d_logits = (jnp.exp(logits - lse_k[:, None]) + jnp.exp(logits - col_lse[None, :])
-                - 2 * contrastive._is_diagonal(rows_k, n_global))  # pylint: disable=protected-access
+                - 2 * _is_diagonal(rows_k, n_global))
     d_logits = jnp.where(valid_k[:, None], d_logits * scale, 0.)
-    d_x_k = contrastive._matmul(d_logits, y_all, precision) / t  # pylint: disable=protected-access
-    d_y = d_y + contrastive._matmul(d_logits.T, x_k, precision) / t  # pylint: disable=protected-access
+    d_x_k = _matmul(d_logits, y_all, precision) / t
+    d_y = d_y + _matmul(d_logits.T, x_k, precision) / t
     d_t = d_t - jnp.sum(d_logits * logits) / t
     return (d_y, d_t), d_x_k
 
@@ -201,12 +221,8 @@ def softmax_loss(image_emb: jax.Array, text_emb: jax.Array, temperature, *, mesh
   Returns:
     () float32 loss, replicated; gradients come back with the embeddings' rows split over `axes`.
   """
-  axes = _axes_tuple(axes)
-  _check(image_emb, text_emb, mesh, axes)
-  contrastive.precision_of(precision)
-  if int(chunk_size) < 1:
-    raise ValueError(f'chunk_size={chunk_size}: the sharded loss needs c >= 1.')
-  fn = _softmax_fn(mesh, axes, int(chunk_size), precision)
+  axes, chunk = _check(image_emb, text_emb, mesh, axes, chunk_size, precision)
+  fn = _softmax_fn(mesh, axes, chunk, precision)
   return fn(image_emb, text_emb, jnp.asarray(temperature))
 
 
@@ -217,7 +233,7 @@ def softmax_loss(image_emb: jax.Array, text_emb: jax.Array, temperature, *, mesh
 
 def _sigmoid_fwd_local(x_p, y_p, t, b, *, axes, chunk, precision):
   """Per device: -> loss () replicated."""
-  x_p, y_p, t, b = contrastive._to_f32(x_p, y_p, t, b)  # pylint: disable=protected-access
+  x_p, y_p, t, b = _to_f32(x_p, y_p, t, b)
   n = x_p.shape[0]
   y_all = _gather(y_p, axes)
   n_global = y_all.shape[0]
@@ -225,8 +241,8 @@ def _sigmoid_fwd_local(x_p, y_p, t, b, *, axes, chunk, precision):
 
   def chunk_sum(inputs):
     x_k, rows_k, valid_k = inputs
-    logits = contrastive._pairwise_logits(x_k, y_all, t, precision) + b  # pylint: disable=protected-access
-    terms = jax.nn.log_sigmoid(contrastive._pair_labels(rows_k, n_global) * logits)  # pylint: disable=protected-access
+    logits = _pairwise_logits(x_k, y_all, t, precision) + b
+    terms = jax.nn.log_sigmoid(_pair_labels(rows_k, n_global) * logits)
     return jnp.sum(jnp.where(valid_k[:, None], terms, 0.))
 
   local = jnp.sum(jax.lax.map(chunk_sum, (xs, rows, valid)))
@@ -236,7 +252,7 @@ def _sigmoid_fwd_local(x_p, y_p, t, b, *, axes, chunk, precision):
 def _sigmoid_bwd_local(x_p, y_p, t, b, g, *, axes, chunk, precision):
   """Per device: -> (d x_p, d y_p, d t, d b)."""
   in_dtypes = (x_p.dtype, y_p.dtype, t.dtype, b.dtype)
-  x_p, y_p, t, b = contrastive._to_f32(x_p, y_p, t, b)  # pylint: disable=protected-access
+  x_p, y_p, t, b = _to_f32(x_p, y_p, t, b)
   n = x_p.shape[0]
   y_all = _gather(y_p, axes)
   n_global = y_all.shape[0]
@@ -246,12 +262,12 @@ def _sigmoid_bwd_local(x_p, y_p, t, b, g, *, axes, chunk, precision):
   def step(carry, inputs):
     d_y, d_t, d_b = carry
     x_k, rows_k, valid_k = inputs
-    logits = contrastive._pairwise_logits(x_k, y_all, t, precision)  # pylint: disable=protected-access
-    labels = contrastive._pair_labels(rows_k, n_global)  # pylint: disable=protected-access
+    logits = _pairwise_logits(x_k, y_all, t, precision)
+    labels = _pair_labels(rows_k, n_global)
     d_logits = -labels * jax.nn.sigmoid(-labels * (logits + b))
     d_logits = jnp.where(valid_k[:, None], d_logits * scale, 0.)
-    d_x_k = contrastive._matmul(d_logits, y_all, precision) / t  # pylint: disable=protected-access
-    d_y = d_y + contrastive._matmul(d_logits.T, x_k, precision) / t  # pylint: disable=protected-access
+    d_x_k = _matmul(d_logits, y_all, precision) / t
+    d_y = d_y + _matmul(d_logits.T, x_k, precision) / t
     d_t = d_t - jnp.sum(d_logits * logits) / t
     d_b = d_b + jnp.sum(d_logits)
     return (d_y, d_t, d_b), d_x_k
@@ -296,10 +312,6 @@ def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, temperature, bias, *
 
   Arguments as `softmax_loss` (this module), plus `bias`, the () logit bias.
   """
-  axes = _axes_tuple(axes)
-  _check(image_emb, text_emb, mesh, axes)
-  contrastive.precision_of(precision)
-  if int(chunk_size) < 1:
-    raise ValueError(f'chunk_size={chunk_size}: the sharded loss needs c >= 1.')
-  fn = _sigmoid_fn(mesh, axes, int(chunk_size), precision)
+  axes, chunk = _check(image_emb, text_emb, mesh, axes, chunk_size, precision)
+  fn = _sigmoid_fn(mesh, axes, chunk, precision)
   return fn(image_emb, text_emb, jnp.asarray(temperature), jnp.asarray(bias))

@@ -30,7 +30,9 @@ PLANNED FOR A POD (CHOICE): a TPU v5p-1024 slice (512 chips, 95 GiB HBM each):
   Adafactor state shard over all chips.
 - microbatch 8192 (K = 8 gradient-cache passes): 64 images per 4-chip model group per pass;
   remat 'full' in both towers (each block recomputed in the backward pass).
-- loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss.
+- loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss. The
+  loss is sharded over the 512 chips (basic/contrastive_sharded.py): each computes its
+  128 rows against all 65536 columns, so its block is 128 x 65536 (32 MiB).
 MEASURED (`python -m basic.plan --devices=512`, XLA:CPU estimate; BENCHMARKS.md "BASIC-L plan"):
 58.3 GiB per device, which fits v5p (95 GiB) and not v4 (32 GiB) or v5e (16 GiB). Before the
 text tower constrained its token-embedding output to the data axis (basic/models/text.py,

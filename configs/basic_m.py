@@ -30,7 +30,9 @@ PLANNED FOR A POD (CHOICE, not measured): a TPU v4-256 slice (128 chips) or v5e-
   model > 1.
 - microbatch 16384 (K = 4 gradient-cache passes): 128 images per chip per pass; remat
   'dots_with_no_batch_dims_saveable' (matmul outputs kept, the rest recomputed).
-- loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss.
+- loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss. The
+  loss is sharded over the 128 chips (basic/contrastive_sharded.py): each computes its
+  512 rows against all 65536 columns, so its block is 512 x 65536 (128 MiB).
 """
 import ml_collections
 

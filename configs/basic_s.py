@@ -28,7 +28,9 @@ PLANNED FOR A POD (CHOICE, not measured): a TPU v4-128 slice (64 chips) or v5e-6
   replicated (fsdp=False); the `config.sharding.rules` are no-ops at model=1.
 - microbatch 16384 (K = 4 gradient-cache passes): 256 images per chip per pass; no remat
   (the CoAtNet-0 activations of 256 images at 224 px fit in 16-32 GiB of HBM in bf16).
-- loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss.
+- loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss. The
+  loss is sharded over the 64 chips (basic/contrastive_sharded.py): each computes its
+  1024 rows against all 65536 columns, so its block is 1024 x 65536 (256 MiB).
 """
 import ml_collections
 

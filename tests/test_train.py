@@ -121,6 +121,25 @@ def _params_after(config, steps):
   return state.params
 
 
+def _raw_gradients(config):
+  """The step's gradient-cached (loss, grads) of the pipeline's first batch at init, before
+  clipping and Adam (which would hide a constant factor, e.g. on the temperature)."""
+  from basic import gradcache
+  from basic import tokenizer as tokenizer_lib
+  from basic.data import pipeline
+  model = DualEncoder(config)
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  tokenizer = tokenizer_lib.Tokenizer.from_config(
+      config.tokenizer, _shared_tokenizer(config), config.data.text_length)
+  batch = next(pipeline.make_train_iterator(config, tokenizer))
+  batch.pop('position'), batch.pop('dropped')
+  value_and_grad = gradcache.value_and_grad(
+      train.make_encode_fn(model), train.make_loss_fn(config),
+      num_microbatches=config.batch_size // config.microbatch_size)
+  return jax.jit(value_and_grad)(state.params, batch, jax.random.key(0))
+
+
 _TOKENIZERS = {}
 
 
@@ -159,6 +178,18 @@ def test_microbatched_train_step_matches_full_batch(loss):
   assert max(moved) > 1e-3
   if loss == 'sigmoid':
     assert 'bias' in pa and float(pa['bias']) != -10.0
+  # The raw gradients too, every leaf, the temperature (and bias) among them.
+  (loss_a, ga), (loss_b, gb) = _raw_gradients(plain), _raw_gradients(cached)
+  assert abs(float(loss_b) - float(loss_a)) <= 1e-6 * abs(float(loss_a))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree.leaves(gb)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    name = jax.tree_util.keystr(path)
+    if 'key' in name and 'bias' in name:   # Exactly 0 in exact arithmetic: rounding noise.
+      assert np.abs(b - a).max() <= 1e-7, name
+      continue
+    assert np.linalg.norm(a) > 0 and _rel_err(b, a) <= 1e-5, (name, _rel_err(b, a))
+  assert abs(float(gb['log_temperature']) - float(ga['log_temperature'])) <= 1e-5 * abs(
+      float(ga['log_temperature']))
 
 
 def test_sigterm_saves_current_step_and_exits_zero(tmp_path):

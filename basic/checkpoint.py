@@ -147,7 +147,7 @@ class Checkpointer:
     encoded = base64.b64encode(tokenizer_model).decode('ascii') if tokenizer_model else ''
     self.wait()   # Raises CheckpointWriteError if the previous (asynchronous) save failed.
     data = data or {}
-    if step == self._debug_fail_at_step:
+    if self._debug_fail_at_step > 0 and step == self._debug_fail_at_step:
       data = _InjectedWriteFailure(data)
     items = dict(
         state=ocp.args.StandardSave(state),

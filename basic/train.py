@@ -42,6 +42,7 @@ from basic.data import tf_setup
 from basic.evaluate import run as evaluate_run
 from basic.models import DualEncoder
 from basic.models import posemb
+from basic.models import scan
 from basic.models import temperature_from_params
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -290,14 +291,15 @@ class PreemptionWatch:
 
 def params_from_checkpoint(path: str, params):
   """The parameters of the checkpoint at `path` (a workdir, checkpoints dir or step dir, local or
-  gs://), adapted to the structure, shapes and shardings of `params` (basic.models.posemb:
-  position embeddings are resized to a new grid or text length)."""
+  gs://), adapted to the structure, shapes and shardings of `params`: scanned or unscanned layers
+  as `params` has them (basic.models.scan.to_layout), position embeddings resized to a new grid
+  or text length (basic.models.posemb)."""
   directory, step = checkpoint_lib.find_step_dir(path)
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'config.init_from={path!r}: no checkpoint there.')
-  loaded = posemb.adapt_params(ckpt.restore_params(step), params)
+  loaded = posemb.adapt_params(scan.to_layout(ckpt.restore_params(step), params), params)
   ckpt.close()
   return sharding.put_whole(loaded, jax.tree.map(lambda p: p.sharding, params))
 

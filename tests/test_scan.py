@@ -273,3 +273,33 @@ def test_open_clip_converter_writes_the_scanned_layout(tmp_path):
                                                   jax.tree.leaves(stacked)))
   diffs = helpers._differences(directory, model, 32, seed=0)  # pylint: disable=protected-access
   assert max(diffs.values()) <= helpers.TOLERANCE, diffs
+
+
+@pytest.mark.parametrize('source_scan, target_scan', [(False, True), (True, False)])
+def test_init_from_converts_the_checkpoint_layout(tmp_path, source_scan, target_scan):
+  """config.init_from a checkpoint of the other layout: basic.train.params_from_checkpoint stacks
+  (or unstacks) the blocks, exactly."""
+  from basic import checkpoint as checkpoint_lib
+  from basic import train
+  from basic.models import DualEncoder
+
+  def state_of(scan_layers):
+    config = tiny.get_config()
+    config.model.image.scan_layers = config.model.text.scan_layers = scan_layers
+    model = DualEncoder(config)
+    tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    return config, train.create_train_state(config, model, tx, mesh)[0]
+
+  config, source = state_of(source_scan)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt.save(1, source, config)
+  ckpt.wait()
+  ckpt.close()
+  _, target = state_of(target_scan)
+  loaded = train.params_from_checkpoint(str(tmp_path), target.params)
+  expected = scan.to_layout(jax.device_get(source.params), jax.device_get(target.params))
+  assert ('block_scan' in loaded['image']['encoder']) == target_scan
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(loaded) == jax.tree.structure(target.params)

@@ -206,6 +206,11 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
     if not 0 <= dropout < 1:
       _fail(f'model.{tower}.dropout', dropout, 'must be in [0, 1).')
   _int(config, 'model.text.vocab_size', 8)
+  for tower in ('image', 'text'):   # Optional (absent = False): basic.models.scan.
+    if 'scan_layers' in config.model[tower] and not isinstance(
+        config.model[tower].scan_layers, bool):
+      _fail(f'model.{tower}.scan_layers', config.model[tower].scan_layers,
+            'must be True or False.')
   # Optional Transformer fields (absent = the defaults of basic.models.transformer, vit, text).
   for tower in ('image', 'text') if image_tower == 'vit' else ('text',):
     if 'activation' in config.model[tower]:

@@ -1,4 +1,9 @@
 """Bad configs fail before any compile, with a message naming the field."""
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
 from basic import config_lib
@@ -52,3 +57,32 @@ def test_batch_must_split_over_processes_and_devices():
     config_lib.validate(_config(), num_processes=3)
   with pytest.raises(config_lib.ConfigError, match=r'config\.microbatch_size=256: .*devices'):
     config_lib.validate(_config(), num_data_devices=3)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# JAX_LOG_COMPILES=1: jax logs every jit trace / lowering / XLA compile at WARNING
+# (jax/_src/pjit.py "Finished tracing ...", interpreters/pxla.py "Compiling ...",
+# "Finished jaxpr to MLIR module conversion ...", "Finished XLA compilation of ...").
+COMPILE_LOG = re.compile(r'Compiling |Finished tracing|Finished jaxpr to MLIR|'
+                         r'Finished XLA compilation')
+
+
+def test_bad_config_on_the_command_line_fails_before_any_compilation(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_LOG_COMPILES='1')
+  # The control: in this environment a jit compile is logged in the wording matched below (a
+  # valid `basic.train --config.total_steps=1` logs 8 such compiles; too slow to run here).
+  control = subprocess.run(
+      [sys.executable, '-c', 'import jax; jax.jit(lambda x: x + 1)(1)'],
+      cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  assert COMPILE_LOG.search(control.stderr), control.stderr
+  workdir = tmp_path / 'w'
+  run = subprocess.run(
+      [sys.executable, '-m', 'basic.train', '--config=configs/tiny.py', f'--workdir={workdir}',
+       '--config.batch_size=100', '--config.microbatch_size=64'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert run.returncode != 0
+  assert 'config.batch_size=100: not divisible by config.microbatch_size=64' in run.stderr
+  compiles = [line for line in run.stderr.splitlines() if COMPILE_LOG.search(line)]
+  assert not compiles, compiles
+  assert not (workdir / 'checkpoints').exists() or not any((workdir / 'checkpoints').iterdir())
+  assert not (workdir / 'config.json').exists()

@@ -22,7 +22,9 @@ here a SentencePiece model of the same vocabulary size (point `tokenizer.model_p
 Position embeddings are fixed 2-D sin-cos for the image (nothing to resize between 84, 224 and
 336 px) and learned for the text (interpolated 8 -> 32 on load, basic/models/posemb.py).
 Pod (CHOICE, the plan's device count): TPU v3-256 [CLIPA-v2 reports TPU v3 pods], mesh data=-1,
-FSDP for parameters of >= 2^18 elements ([P]: partition_states=True), microbatches of 8192.
+FSDP for parameters of >= 2^18 elements ([P]: partition_states=True), gradient-cache
+microbatches of 4096 / 1024 / 1024 per stage: the largest power of two whose step the TPU
+compiler fits on a 16 GiB v3 core with >= 10% headroom (python -m basic.plan --topology=v3:8x16).
 """
 import ml_collections
 
@@ -36,6 +38,9 @@ STAGES = {
         text_mask='syntax',       # [P] noun_tokenize: "syntax sampling".
         mask_ratio=0.0,           # [P] mask_ratio = 0.0.
         batch_size=65536,         # [P] batchsize=65536.
+        # (CHOICE) TPU compiler plan on v3:8x16 (BENCHMARKS.md "TPU compiler plans"): 7.03 GiB
+        # per 16 GiB core (56% headroom); 8192 needs 15.06 GiB (6% headroom).
+        microbatch_size=4096,
         # [P] total_steps = 1281167 * 10000 // 65536: 10,000 "virtual ImageNet epochs",
         # ~12.8B samples.
         total_steps=1281167 * 10000 // 65536,
@@ -48,6 +53,7 @@ STAGES = {
         text_mask='none',
         mask_ratio=0.3,           # [T224] mask_ratio = 0.3 (masking kept in fine-tuning).
         batch_size=32768,         # [T224] batchsize=32768.
+        microbatch_size=1024,     # (CHOICE) 9.85 GiB per core (38%); 2048: 14.49 (9%).
         total_steps=131072000 * 4 // 32768,    # [T224] 4 x 131M samples: 16,000 steps.
         learning_rate=4e-7 * (32768 // 256),   # [T224] lr = 4e-7 * batch / 256 = 5.12e-5.
         warmup_steps=26214400 // 32768,        # [T224] 26.2M samples of warmup: 800 steps.
@@ -58,6 +64,7 @@ STAGES = {
         text_mask='none',
         mask_ratio=0.4,           # [T336] mask_ratio = 0.4.
         batch_size=16384,         # [T336] batchsize=16384.
+        microbatch_size=1024,     # (CHOICE) 12.88 GiB per core (20%); 2048: 29.2, no fit.
         total_steps=131072000 // 16384,        # [T336] 131M samples: 8,000 steps.
         learning_rate=1e-7 * (16384 // 256),   # [T336] lr = 1e-7 * batch / 256 = 6.4e-6.
         warmup_steps=26214400 // 16384,        # [T336] 26.2M samples of warmup: 1,600 steps.
@@ -83,7 +90,7 @@ def get_config(arg=None):
   config = common.base_config()
 
   config.batch_size = stage['batch_size']
-  config.microbatch_size = 8192    # (CHOICE) gradient-cache microbatches on the pod.
+  config.microbatch_size = stage['microbatch_size']   # (CHOICE) gradient-cache microbatches.
   config.loss = 'softmax'          # [P] contrastive softmax loss (big_vision two_towers).
   config.loss_chunk_size = 1024    # (CHOICE) bounds the loss memory at 1024 x N logits.
   config.total_steps = stage['total_steps']

@@ -116,12 +116,13 @@ def test_zeroshot_task_matches_numpy_reference(setup, tmp_path):
   assert results['labels/top1'] == top1 and results['labels/top5'] == top5
   assert results['labels/num_images'] == eval_helpers.NUM_LABELLED
   assert results['labels/num_classes'] == 48
-  assert top5 > 0.0
   top1, top5, margin = _reference(loaded, readable, templates, subset)
   assert margin > 1e-5
   assert results['labels_subset/top1'] == top1 and results['labels_subset/top5'] == top5
   assert results['labels_subset/num_classes'] == len(subset)
-  assert top1 > 0.0           # after 8 steps: the comparison is not between zeros.
+  # After 8 steps the 48-way accuracies may be 0 (they are for the tiny default's seed); the
+  # 10-way top-5 (0.375) is not, so at least this comparison is not between zeros.
+  assert top5 > 0.0
   assert results['labels_first10/num_images'] == 10
   assert set(results) == {f'{t}/{m}' for t in ('labels', 'labels_subset', 'labels_first10')
                           for m in ('top1', 'top5', 'num_images', 'num_classes')}

@@ -33,8 +33,11 @@ PLANNED FOR A POD (CHOICE): a TPU v5p-1024 slice (512 chips, 95 GiB HBM each):
 - loss_chunk_size 1024: at most a 1024 x 65536 logit block (256 MiB f32) in the loss. The
   loss is sharded over the 512 chips (basic/contrastive_sharded.py): each computes its
   128 rows against all 65536 columns, so its block is 128 x 65536 (32 MiB).
-MEASURED (`python -m basic.plan --devices=512`, XLA:CPU estimate; BENCHMARKS.md "BASIC-L plan"):
-58.3 GiB per device, which fits v5p (95 GiB) and not v4 (32 GiB) or v5e (16 GiB). Before the
+MEASURED with the TPU compiler (`python -m basic.plan --topology=v5p:8x8x8`, layers scanned, loss
+sharded; BENCHMARKS.md "TPU compiler plans"): 45.52 GiB per chip, which fits v5p's 95 GiB with
+52% headroom. The XLA:CPU estimate (`--devices=512`, unscanned; BENCHMARKS.md "BASIC-L plan") was
+58.3 GiB per device, and XLA:CPU does not realise remat. Neither fits v4 (32 GiB) or v5e
+(16 GiB) at this microbatch. Before the
 text tower constrained its token-embedding output to the data axis (basic/models/text.py,
 `sharding.constrain_batch`) the same plan was 170.0 GiB: FSDP shards the embedding table's width
 over 'data', the lookup's output inherited that, and every device ran the whole text microbatch.

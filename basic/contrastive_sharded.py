@@ -69,7 +69,7 @@ def _axes_tuple(axes: AxisNames):
 
 
 def num_shards(mesh, axes: AxisNames) -> int:
-  """P: the number of row blocks, the product of the sizes of `axes` in `mesh`."""
+  """P: the number of row blocks, the product of the sizes of `axes` in `mesh` (1 for no axes)."""
   size = 1
   for axis in _axes_tuple(axes):
     size *= mesh.shape[axis]

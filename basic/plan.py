@@ -125,6 +125,7 @@ import jax
 import jax.numpy as jnp
 
 from basic import config_lib
+from basic import contrastive_sharded
 from basic import flops as flops_lib
 from basic import optim
 from basic import sharding
@@ -202,7 +203,7 @@ def plan(config, devices=None, *, costs: bool = False) -> dict:
   out = param_counts(abstract.params)
   out['mesh'] = dict(mesh.shape)
   axes = train.loss_axes(config, mesh)   # The contrastive loss: devices it is split over, c.
-  out['loss/devices'] = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  out['loss/devices'] = contrastive_sharded.num_shards(mesh, axes)
   out['loss/chunk_size'] = train.loss_chunk_size(config, mesh)
   total = None
   if mem is not None:

@@ -83,7 +83,7 @@ def loss_axes(config, mesh=None) -> tuple:
     return ()
   names = [a for a in mesh.axis_names if mesh.shape[a] > 1]
   axes = tuple(sorted(names, key=lambda a: a != sharding.DATA_AXIS))
-  if axes and config.batch_size % int(np.prod([mesh.shape[a] for a in axes])):
+  if axes and config.batch_size % contrastive_sharded.num_shards(mesh, axes):
     axes = (sharding.DATA_AXIS,) if sharding.DATA_AXIS in axes else ()
   return axes
 
@@ -99,7 +99,7 @@ def loss_chunk_size(config, mesh=None) -> int:
   """
   n_global = config.batch_size
   axes = loss_axes(config, mesh)
-  rows = n_global // (int(np.prod([mesh.shape[a] for a in axes])) if axes else 1)
+  rows = n_global // contrastive_sharded.num_shards(mesh, axes)
   c = config.loss_chunk_size
   if c == 0:
     return rows if axes else 0
@@ -125,7 +125,7 @@ def make_loss_fn(config, mesh=None):
   axes = loss_axes(config, mesh)
   chunk = loss_chunk_size(config, mesh)
   precision = config.get('loss_precision', 'highest')
-  num_shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  num_shards = contrastive_sharded.num_shards(mesh, axes)
   logging.info('Loss: %s over %s, %d rows per device in blocks of c=%d (c x N = %.1f MiB float32'
                '), precision %s.', config.loss,
                f'mesh axes {axes} ({num_shards} devices)' if axes else 'one device (replicated)',

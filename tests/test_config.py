@@ -8,17 +8,11 @@ import pytest
 
 from basic import config_lib
 from configs import tiny
+import config_helpers
 
 
 def _config(**overrides):
-  config = tiny.get_config()
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split('__')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_helpers.tiny_config({k.replace('__', '.'): v for k, v in overrides.items()})
 
 
 def test_tiny_config_is_valid():

@@ -19,6 +19,7 @@ from basic import plan
 from basic import train
 from basic.models import DualEncoder
 from configs import tiny
+import config_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATMUL = 2 * 128 * 256 * 256     # FLOPs of one [128, 256] x [256, 256] matmul.
@@ -76,14 +77,7 @@ def test_scan_bodies_counted_by_trip_count_tpu():
 
 
 def _config(**fields):
-  config = tiny.get_config()
-  for path, value in fields.items():
-    node = config
-    *parents, leaf = path.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_helpers.tiny_config(fields)
 
 
 _LOOPS = {'model.image.depth': 1, 'model.text.depth': 1, 'batch_size': 64,

@@ -16,7 +16,7 @@ from basic import optim
 from basic import sharding
 from basic import train
 from basic.models import DualEncoder
-from configs import tiny
+import config_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {
@@ -27,14 +27,7 @@ SMALL = {
 
 
 def small_config(**overrides):
-  config = tiny.get_config()
-  for path, value in {**SMALL, **overrides}.items():
-    node = config
-    *parents, leaf = path.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_helpers.tiny_config({**SMALL, **overrides})
 
 
 def _train_rows(workdir):

@@ -19,6 +19,7 @@ from basic import checkpoint as checkpoint_lib
 from basic import tokenizer as tokenizer_lib
 from basic.data import preprocess
 from basic.data import synthetic
+from basic.evaluate import ranking
 from basic.models import DualEncoder
 from basic.models import temperature_from_params
 
@@ -108,10 +109,8 @@ class Model:
   def class_embeddings(self, labels: Sequence[str],
                        templates: Optional[Sequence[str]] = None) -> np.ndarray:
     """Per label, the mean of its prompt embeddings, re-normalised. -> [n_labels, embed_dim]."""
-    templates = tuple(templates or self.default_templates())
-    emb = self.encode_texts([t.format(label) for label in labels for t in templates])
-    emb = emb.reshape(len(labels), len(templates), -1).mean(axis=1)
-    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    return ranking.class_embeddings(self.encode_texts, labels,
+                                    tuple(templates or self.default_templates()))
 
   def zero_shot(self, images, labels: Sequence[str],
                 templates: Optional[Sequence[str]] = None) -> np.ndarray:

@@ -13,9 +13,9 @@ from basic import config_lib
 from basic import inference
 from basic import metric_writers
 from basic.evaluate import metadata
+from basic.evaluate import ranking
 from basic.evaluate import run
 from basic.evaluate import tasks
-from basic.evaluate import zeroshot
 from basic.models import DualEncoder
 import eval_helpers
 
@@ -47,12 +47,12 @@ def test_data_files_counts_and_known_entries():
 
 def test_topk_rule_breaks_ties_by_class_index():
   logits = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.5, 0.2, 0.9]])
-  hits = zeroshot.topk_hits(logits, np.array([0, 1, 0]), np.ones(3, bool), (1, 2))
+  hits = ranking.topk_hits(logits, np.array([0, 1, 0]), np.ones(3, bool), (1, 2))
   assert hits[1].tolist() == [True, False, False]      # == np.argmax's choice.
   assert hits[2].tolist() == [True, True, True]
-  masked = zeroshot.topk_hits(logits, np.array([0, 1, 0]), np.array([True, True, False]), (1,))
+  masked = ranking.topk_hits(logits, np.array([0, 1, 0]), np.array([True, True, False]), (1,))
   assert masked[1].tolist() == [True, False, True]     # class 2 masked out.
-  outside = zeroshot.topk_hits(logits, np.array([2]), np.array([True, True, False]), (1, 2))
+  outside = ranking.topk_hits(logits, np.array([2]), np.array([True, True, False]), (1, 2))
   assert not outside[1][0] and not outside[2][0]       # a label outside the subset is wrong.
 
 

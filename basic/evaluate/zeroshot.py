@@ -15,23 +15,16 @@ import numpy as np
 
 from basic.evaluate import datasets
 from basic.evaluate import metadata
-
-def topk_accuracy(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray,
-                  ks: Sequence[int] = (1, 5)) -> dict:
-  """Fraction of images whose label is among the k most similar classes, for each k."""
-  logits = image_emb @ class_emb.T                                  # [n, C]
-  ranked = np.argsort(-logits, axis=1)
-  return {k: float(np.mean(np.any(ranked[:, :k] == labels[:, None], axis=1))) for k in ks}
+from basic.evaluate import ranking
 
 
 def class_embeddings(encoders, params, tokenizer, class_names: Sequence[str],
                      templates: Sequence[str]) -> np.ndarray:
-  """-> float32 [num_classes, d] unit vectors: per class, the embeddings of its prompts
-  (template.format(name) for every template) averaged and re-normalised."""
-  prompts = [t.format(c) for c in class_names for t in templates]
-  emb = encoders.same_texts(params, tokenizer.encode(prompts))
-  emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
-  return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+  """-> float32 [num_classes, d] unit vectors (basic.evaluate.ranking.class_embeddings) with the
+  text tower of `encoders` on the mesh."""
+  return ranking.class_embeddings(
+      lambda prompts: encoders.same_texts(params, tokenizer.encode(prompts)), class_names,
+      templates)
 
 
 def evaluate(encoders, params, tokenizer, data: dict) -> dict:
@@ -40,7 +33,7 @@ def evaluate(encoders, params, tokenizer, data: dict) -> dict:
   global batch on the mesh of `encoders` (`basic.evaluate.encoders.Encoders`)."""
   classes = class_embeddings(encoders, params, tokenizer, data['class_names'], data['templates'])
   images = encoders.same_images(params, data['images'])
-  acc = topk_accuracy(images, classes, np.asarray(data['labels']), ks=(1, 5))
+  acc = ranking.topk_accuracy(images @ classes.T, data['labels'], ks=(1, 5))
   return {'zeroshot/top1': acc[1], 'zeroshot/top5': acc[5],
           'zeroshot/num_classes': float(len(data['class_names'])),
           'zeroshot/num_images': float(len(data['labels']))}
@@ -48,33 +41,8 @@ def evaluate(encoders, params, tokenizer, data: dict) -> dict:
 
 # --- Zero-shot classification of a TFDS data set (config.eval.tasks, kind='zeroshot'). ----------
 #
-# Top-k rule: an image is correct at k if fewer than k other allowed classes rank above its label,
-# where class c ranks above the label if its logit is larger, or equal with c < label (ties go to
-# the lower class index, as numpy.argmax and CLIP's argmax evaluation resolve them; it matters
-# for duplicate names, e.g. ImageNet's two "missile" and two "sunglasses" classes). With a
-# `subset`, only its classes are allowed (the other logits are masked out); an image whose label
-# is outside the subset counts as wrong.
-
-
-def topk_hits(logits, labels, allowed, ks: Sequence[int]):
-  """Top-k correctness under the rule above (jax.numpy or numpy arrays).
-
-  Args:
-    logits: float [n, C].
-    labels: int [n], in [0, C).
-    allowed: bool [C], the classes that may be predicted.
-    ks: the k values.
-
-  Returns:
-    {k: bool [n]}.
-  """
-  xp = jnp if isinstance(logits, jax.Array) else np
-  index = xp.arange(logits.shape[1])[None, :]
-  own = xp.take_along_axis(logits, labels[:, None], axis=1)                       # [n, 1]
-  above = (logits > own) | ((logits == own) & (index < labels[:, None]))          # [n, C]
-  rank = xp.sum(above & allowed[None, :], axis=1)                                 # [n]
-  ok = allowed[labels]
-  return {k: ok & (rank < k) for k in ks}
+# Top-k under basic.evaluate.ranking's rule (ties to the lower class index); with a `subset`, only
+# its classes are allowed.
 
 
 def make_score_fn(encoders, ks: Sequence[int]):
@@ -90,7 +58,7 @@ def make_score_fn(encoders, ks: Sequence[int]):
   def score(params, images, labels, valid, distinct_emb, class_index, allowed):
     emb = model.apply({'params': params}, images, method='encode_image').astype(jnp.float32)
     logits = (emb @ distinct_emb.T)[:, class_index]                               # [B, C]
-    hits = topk_hits(logits, labels, allowed, ks)
+    hits = ranking.topk_hits(logits, labels, allowed, ks)
     out = {f'top{k}': jnp.sum(hit & valid, dtype=jnp.int32) for k, hit in hits.items()}
     out['count'] = jnp.sum(valid, dtype=jnp.int32)
     return out
@@ -137,8 +105,7 @@ def evaluate_task(task_name: str, task, encoders, params, tokenizer, config,
                      f'has {label_feature.num_classes} classes.')
   templates = metadata.templates(task.templates, field('templates'))
   subset = metadata.subset(task.subset, len(names), field('subset'))
-  allowed = np.zeros(len(names), bool)
-  allowed[list(subset) if subset is not None else slice(None)] = True
+  allowed = ranking.allowed_classes(len(names), subset)
 
   emb = class_embeddings(encoders, params, tokenizer, names, templates)
   distinct, class_index = np.unique(emb, axis=0, return_inverse=True)

@@ -133,7 +133,9 @@ class _GcsStore:
       kwargs = {'ifGenerationMatch': str(version)} if version else {}
       self.fs.call('DELETE', 'b/{}/o/{}', self.bucket, self.key, **kwargs)
     except (FileNotFoundError, OSError) as e:
-      if isinstance(e, FileNotFoundError) or '412' in str(e) or 'Precondition' in str(e):
+      # gcsfs raises FileExistsError for 412 (the generation changed: another run re-took it).
+      if isinstance(e, (FileNotFoundError, FileExistsError)) or '412' in str(e) or (
+          'Precondition' in str(e)):
         return False
       raise
     finally:

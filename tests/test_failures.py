@@ -22,6 +22,7 @@ from basic import train
 from basic import workdir_lock
 from configs import tiny
 import cpu_devices
+import gcs_emulator
 from tests.test_train import SMALL
 from tests.test_train import small_config
 
@@ -173,6 +174,117 @@ def test_lock_heartbeat_refreshes(tmp_path):
   later = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())['heartbeat_time']
   lock.release()
   assert later - first >= 0.2
+
+
+@pytest.fixture
+def gcs_lock_dir(monkeypatch):
+  """A gs:// workdir on the local GCS emulator run with `--preconditions` (it honours
+  ifGenerationMatch on uploads and deletes as GCS does; the plain emulator ignores it), with
+  gcsfs in this process pointed at it."""
+  pytest.importorskip('gcp_storage_emulator')
+  gcsfs = pytest.importorskip('gcsfs')
+  with gcs_emulator.serve('basic-lock', preconditions=True) as url:
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', url)
+    monkeypatch.setenv('NO_GCE_CHECK', 'true')
+    monkeypatch.setenv('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield 'gs://basic-lock/runs/a'
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def _gcs_owner(lock_dir):
+  import gcsfs  # pylint: disable=g-import-not-at-top
+  fs = gcsfs.GCSFileSystem()
+  fs.invalidate_cache()
+  path = f'{lock_dir}/{workdir_lock.LOCK_FILE}'
+  return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def test_gcs_emulator_honours_generation_preconditions(gcs_lock_dir):
+  """The fake the gs:// lock tests rely on: a create-only upload (ifGenerationMatch=0) of an
+  existing object and a delete with a stale generation both fail (gcsfs: FileExistsError, from
+  412) and change nothing; the matching generation deletes."""
+  import gcsfs  # pylint: disable=g-import-not-at-top
+  fs = gcsfs.GCSFileSystem()
+  path = f'{gcs_lock_dir}/probe'
+  fs.pipe_file(path, b'one', mode='create')
+  with pytest.raises(FileExistsError):
+    fs.pipe_file(path, b'two', mode='create')
+  fs.invalidate_cache()
+  assert fs.cat_file(path) == b'one'
+  generation = fs.info(path)['generation']
+  bucket, key, _ = fs.split_path(path)
+  with pytest.raises(FileExistsError):
+    fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=str(int(generation) - 1))
+  fs.invalidate_cache()
+  assert fs.cat_file(path) == b'one'
+  fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=generation)
+  fs.invalidate_cache()
+  assert not fs.exists(path)
+
+
+def test_gcs_lock_two_contenders_one_wins_the_other_names_it(gcs_lock_dir):
+  """Two runs take the gs:// lock at once (threads released together): exactly one holds it,
+  the other raises WorkdirLockedError naming the winner's run id and pid; the object is the
+  winner's until it releases it, then gone."""
+  contenders = [_lock(gcs_lock_dir), _lock(gcs_lock_dir)]
+  barrier = threading.Barrier(2)
+  outcome = [None, None]
+
+  def contend(i):
+    barrier.wait()
+    try:
+      contenders[i].acquire()
+      outcome[i] = 'won'
+    except workdir_lock.WorkdirLockedError as e:
+      outcome[i] = e
+  threads = [threading.Thread(target=contend, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert sorted(map(str, outcome)).count('won') == 1, outcome
+  winner = outcome.index('won')
+  loser_error = str(outcome[1 - winner])
+  assert contenders[winner].info['run_id'] in loser_error, loser_error
+  assert f'pid {os.getpid()}' in loser_error and 'run.lock' in loser_error
+  assert _gcs_owner(gcs_lock_dir)['run_id'] == contenders[winner].info['run_id']
+  contenders[winner].release()
+  assert _gcs_owner(gcs_lock_dir) is None
+
+
+def test_gcs_lock_stale_takeover_is_won_by_one_contender(gcs_lock_dir, caplog):
+  """A lock whose heartbeat is older than stale_s (a preempted VM's), found by two runs at once:
+  both read the same stale generation; A deletes it (ifGenerationMatch) and creates its own,
+  B's delete with the old generation then fails (412) and B raises naming A. A lock with a
+  recent heartbeat from another host is refused."""
+  import gcsfs  # pylint: disable=g-import-not-at-top
+  fs = gcsfs.GCSFileSystem()
+  path = f'{gcs_lock_dir}/{workdir_lock.LOCK_FILE}'
+  owner = {'host': 'preempted-vm', 'pid': 7, 'pid_start_time': 0, 'start_time': time.time() - 900,
+           'heartbeat_time': time.time() - 30, 'run_id': 'old'}
+  fs.pipe_file(path, json.dumps(owner).encode())
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="host 'preempted-vm'.*run old"):
+    _lock(gcs_lock_dir, stale_s=60).acquire()   # 30 s old: alive.
+
+  a, b = _lock(gcs_lock_dir, stale_s=20), _lock(gcs_lock_dir, stale_s=20)
+  real_remove_if = b._store.remove_if   # pylint: disable=protected-access
+  seen = []
+
+  def remove_if_after_a(version):   # B has read the stale lock; A overtakes B here.
+    seen.append(version)
+    if len(seen) == 1:
+      a.acquire()
+    return real_remove_if(version)
+  b._store.remove_if = remove_if_after_a   # pylint: disable=protected-access
+  with pytest.raises(workdir_lock.WorkdirLockedError, match=a.info['run_id']):
+    b.acquire()
+  assert a.held and not b.held and len(seen) == 1
+  assert _gcs_owner(gcs_lock_dir)['run_id'] == a.info['run_id']
+  assert caplog.text.count('Taking over the stale workdir lock') == 1
+  assert "host 'preempted-vm'" in caplog.text and 'heartbeat is 30 s old' in caplog.text
+  a.release()
+  assert _gcs_owner(gcs_lock_dir) is None
 
 
 @pytest.mark.slow

@@ -580,10 +580,32 @@ def _check_against_model(params: dict, config):
 
 # --- Conversion. ----------------------------------------------------------------------------------
 
+# The experiment config file whose `clip_vit(**sizes)` / `clip_convnext(**sizes)` and
+# `CLIP_LOGIT_SCALE_MAX` build a converted model's config (--config_file). A path, not an import:
+# the `basic` package never imports the repository's configs/; relative paths resolve from the
+# current directory, as `python -m basic.train --config=FILE` resolves its config.
+DEFAULT_CONFIG_FILE = 'configs/open_clip.py'
+
+
+def load_config_file(path: str):
+  """The Python config file at `path` as a module (its own imports, e.g. `from configs import
+  common`, resolve from sys.path: the repository root when run from there)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--config_file={path!r}: no such file (the config file that builds '
+                            f'a converted model\'s config, default {DEFAULT_CONFIG_FILE!r} from '
+                            'the repository root).')
+  spec = importlib.util.spec_from_file_location(
+      '_open_clip_config_' + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 
 def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str] = None,
             quick_gelu: Optional[bool] = None, norm_eps: Optional[float] = None,
-            scan_layers: bool = False) -> str:
+            scan_layers: bool = False, config_file: str = DEFAULT_CONFIG_FILE) -> str:
   """Converts `checkpoint` (an OpenCLIP ViT or timm ConvNeXt CLIP, see the module docstring)
   into a basic checkpoint at `output` (local or gs://; step 0). Returns `output`.
 
@@ -596,8 +618,10 @@ def convert(model: str, checkpoint: str, output: str, *, tokenizer: Optional[str
     norm_eps: the LayerNorm eps of a timm ConvNeXt image tower (default: timm's for the model
       named by vision_cfg.timm_model_name).
     scan_layers: write a config with scanned towers and the parameters stacked per layer.
+    config_file: the config file whose clip_vit / clip_convnext build the output's config
+      (--config_file, `load_config_file`).
   """
-  from configs import open_clip as open_clip_configs  # pylint: disable=g-import-not-at-top
+  open_clip_configs = load_config_file(config_file)
   state, jit = load_state_dict(checkpoint)
   if jit and quick_gelu is None:
     quick_gelu = True   # OpenAI's released weights were trained with QuickGELU.
@@ -648,6 +672,8 @@ def _define_flags():
                      "timm's for vision_cfg.timm_model_name; needed for a custom timm model).")
   flags.DEFINE_bool('scan_layers', False, 'Write the towers scanned (config.model.*.scan_layers) '
                     'with their blocks\' parameters stacked per layer.')
+  flags.DEFINE_string('config_file', DEFAULT_CONFIG_FILE, 'The config file whose clip_vit / '
+                      "clip_convnext build the output's config (from the repository root).")
   flags.mark_flags_as_required(['model', 'checkpoint', 'output'])
 
 
@@ -659,7 +685,8 @@ def main(argv):
     raise app.UsageError(f'--checkpoint={options.checkpoint}: no such file.')
   output = convert(options.model, options.checkpoint, options.output,
                    tokenizer=options.tokenizer, quick_gelu=options.quick_gelu,
-                   norm_eps=options.norm_eps, scan_layers=options.scan_layers)
+                   norm_eps=options.norm_eps, scan_layers=options.scan_layers,
+                   config_file=options.config_file)
   print(f'Wrote {output}: basic.inference.load({output!r}); continue training with '
         f'--config=configs/from_checkpoint.py:path={output}')
 

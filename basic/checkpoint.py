@@ -27,6 +27,7 @@ Paths go through etils.epath (orbax writes arrays through tensorstore): see the 
 environment variables that point both at a GCS emulator.
 """
 import base64
+import contextlib
 import errno
 import json
 import time
@@ -86,6 +87,34 @@ def find_step_dir(path: str) -> tuple[str, Optional[int]]:
   if path.name.isdigit() and (path / 'state').is_dir():
     return str(path.parent), int(path.name)
   return str(path), None
+
+
+@contextlib.contextmanager
+def open_step(path: str, step: Optional[int] = None, *, field: Optional[str] = None):
+  """Opens the checkpoint at `path` read-only: `with open_step(path) as (ckpt, step): ...`.
+
+  Args:
+    path: a training workdir, a checkpoints directory or one step directory, local or gs://
+      (see `find_step_dir`).
+    step: the step to read (default: the step directory's, else the latest).
+    field: the config field or flag that named `path`, for the error (e.g. 'config.init_from').
+
+  Yields:
+    (a read-only Checkpointer, the step), closed on exit.
+
+  Raises:
+    FileNotFoundError: there is no checkpoint at `path`.
+  """
+  directory, found = find_step_dir(path)
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    step = step if step is not None else found if found is not None else ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'{field}={path!r}: no checkpoint there.' if field else
+                              f'No checkpoint in {path}.')
+    yield ckpt, step
+  finally:
+    ckpt.close()
 
 
 class Checkpointer:

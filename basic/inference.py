@@ -125,24 +125,19 @@ class Model:
 def load(path: str, step: Optional[int] = None, batch_size: int = 64) -> Model:
   """Loads a checkpoint: a training workdir or checkpoints directory (its latest step, unless
   `step`), or one step directory; local or gs://."""
-  directory, found = checkpoint_lib.find_step_dir(path)
-  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
-  step = step if step is not None else found if found is not None else ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {path}.')
-  config = ckpt.restore_config(step)
-  model_bytes = ckpt.restore_tokenizer(step)
-  if model_bytes is None:
-    raise FileNotFoundError(f'Checkpoint {directory}/{step} holds no tokenizer (written by an '
-                            'older version); set config.tokenizer.model_path and retrain.')
-  kind = ckpt.restore_tokenizer_kind(step)
-  if kind != config.tokenizer.get('kind', 'sentencepiece'):
-    raise ValueError(f'Checkpoint {directory}/{step} holds a {kind} tokenizer, but its config '
-                     f'says tokenizer.kind={config.tokenizer.get("kind")!r}.')
+  with checkpoint_lib.open_step(path, step) as (ckpt, step):
+    config = ckpt.restore_config(step)
+    model_bytes = ckpt.restore_tokenizer(step)
+    if model_bytes is None:
+      raise FileNotFoundError(f'Checkpoint {ckpt.directory}/{step} holds no tokenizer (written '
+                              'by an older version); set config.tokenizer.model_path and retrain.')
+    kind = ckpt.restore_tokenizer_kind(step)
+    if kind != config.tokenizer.get('kind', 'sentencepiece'):
+      raise ValueError(f'Checkpoint {ckpt.directory}/{step} holds a {kind} tokenizer, but its '
+                       f'config says tokenizer.kind={config.tokenizer.get("kind")!r}.')
+    params = ckpt.restore_params(step)
   with tempfile.NamedTemporaryFile(suffix='-' + tokenizer_lib.MODEL_FILENAMES[kind],
                                    delete=False) as f:
     f.write(model_bytes)
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, f.name, config.data.text_length)
-  params = ckpt.restore_params(step)
-  ckpt.close()
   return Model(config, params, tokenizer, step=step, batch_size=batch_size)

@@ -56,16 +56,15 @@ def greedy(trees: Sequence, metric: Callable[[dict], float]) -> tuple[dict, list
 
 
 class Ingredient:
-  """One checkpoint step: its params, config and tokenizer (loaded lazily where it matters)."""
+  """One checkpoint step: its params, config and tokenizer (model file and kind)."""
 
   def __init__(self, path: str):
-    directory, step = checkpoint_lib.find_step_dir(path)
-    self.checkpointer = checkpoint_lib.Checkpointer(directory, read_only=True)
-    self.step = self.checkpointer.latest_step() if step is None else step
-    if self.step is None:
-      raise FileNotFoundError(f'No checkpoint in {path}.')
-    self.path = path
-    self.params = self.checkpointer.restore_params(self.step)
+    with checkpoint_lib.open_step(path) as (ckpt, self.step):
+      self.path = path
+      self.params = ckpt.restore_params(self.step)
+      self.config = ckpt.restore_config(self.step)
+      self.tokenizer_model = ckpt.restore_tokenizer(self.step)
+      self.tokenizer_kind = ckpt.restore_tokenizer_kind(self.step) or 'sentencepiece'
 
 
 def zeroshot_metric(config, tokenizer_model: bytes) -> Callable[[dict], float]:
@@ -100,10 +99,9 @@ def make_soup(paths: Sequence[str], output: str, method: str = 'uniform',
   if len(paths) < 2:
     raise ValueError(f'A soup needs at least 2 checkpoints, got {list(paths)}.')
   ingredients = [Ingredient(p) for p in paths]
-  first = ingredients[0].checkpointer
-  config = first.restore_config(ingredients[0].step)
-  tokenizer_model = first.restore_tokenizer(ingredients[0].step)
-  tokenizer_kind = first.restore_tokenizer_kind(ingredients[0].step) or 'sentencepiece'
+  first = ingredients[0]
+  config, tokenizer_model, tokenizer_kind = (first.config, first.tokenizer_model,
+                                             first.tokenizer_kind)
   trees = [x.params for x in ingredients]
   if method == 'uniform':
     params, used = average(trees), list(range(len(trees)))

@@ -228,13 +228,8 @@ def ensure_tokenizer(config, workdir: str) -> str:
 def _copy_checkpoint_tokenizer(init_from: str, kind: str, path: epath.Path):
   """Writes the tokenizer of the checkpoint at `init_from` to `path` if it is of `kind`."""
   from basic import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  directory, step = checkpoint_lib.find_step_dir(init_from)
-  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'config.init_from={init_from!r}: no checkpoint there.')
-  found, model = ckpt.restore_tokenizer_kind(step), ckpt.restore_tokenizer(step)
-  ckpt.close()
+  with checkpoint_lib.open_step(init_from, field='config.init_from') as (ckpt, step):
+    found, model = ckpt.restore_tokenizer_kind(step), ckpt.restore_tokenizer(step)
   if model is None or found != kind:
     logging.warning('config.init_from=%r carries no %s tokenizer (%s); not using it.', init_from,
                     kind, found or 'none')

@@ -257,6 +257,26 @@ def create_train_state(config, model, tx, mesh):
   return jax.jit(make_init_fn(config, model, tx), out_shardings=shardings)(), shardings
 
 
+def init_training(config, mesh=None):
+  """What a run builds before its loop (benchmarks and tests build the same):
+  -> (model, tx, schedule, state at step 0, state shardings); `mesh` defaults to config.mesh's."""
+  model = DualEncoder(config)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  state, shardings = create_train_state(config, model, tx, mesh)
+  return model, tx, schedule, state, shardings
+
+
+def random_batch(config, batch_size: int, seed: int = 0) -> dict:
+  """Host inputs of the config's shapes with random values: {'image': uint8 [n, S, S, 3],
+  'text': int32 [n, L] ids in [1, model.text.vocab_size)}."""
+  rng = np.random.default_rng(seed)
+  size, length = config.data.image_size, config.data.text_length
+  return {'image': rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+          'text': rng.integers(1, config.model.text.vocab_size, (batch_size, length),
+                               dtype=np.int32)}
+
+
 class PreemptionWatch:
   """SIGTERM (a TPU VM's notice before maintenance) -> stop after the current step and save.
 
@@ -294,13 +314,8 @@ def params_from_checkpoint(path: str, params):
   gs://), adapted to the structure, shapes and shardings of `params`: scanned or unscanned layers
   as `params` has them (basic.models.scan.to_layout), position embeddings resized to a new grid
   or text length (basic.models.posemb)."""
-  directory, step = checkpoint_lib.find_step_dir(path)
-  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'config.init_from={path!r}: no checkpoint there.')
-  loaded = posemb.adapt_params(scan.to_layout(ckpt.restore_params(step), params), params)
-  ckpt.close()
+  with checkpoint_lib.open_step(path, field='config.init_from') as (ckpt, step):
+    loaded = posemb.adapt_params(scan.to_layout(ckpt.restore_params(step), params), params)
   return sharding.put_whole(loaded, jax.tree.map(lambda p: p.sharding, params))
 
 
@@ -440,9 +455,7 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
         f'tokenizer vocabulary ({tokenizer.vocab_size}, {tok_path}).')
   check_resume_tokenizer(ckpt, resume_step, tokenizer, config)
 
-  model = DualEncoder(config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  state, state_shardings = create_train_state(config, model, tx, mesh)
+  model, tx, schedule, state, state_shardings = init_training(config, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Model: %d parameters (%.2fM).', num_params, num_params / 1e6)
 

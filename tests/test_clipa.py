@@ -275,9 +275,9 @@ def test_clipa_v2_h14_stages_validate(stage):
 
 
 def test_clipa_schedule_step_counts_give_both_schedules_the_same_budget():
-  from basic import bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import clipa_schedule  # pylint: disable=g-import-not-at-top
   full_s, reduced_s, budget = 0.83, 0.31, 240.0
-  steps = bench.allocate_steps(budget, full_s, reduced_s, pretrain_share=0.8)
+  steps = clipa_schedule.allocate_steps(budget, full_s, reduced_s, pretrain_share=0.8)
   full = steps['full'] * full_s
   pretrain, tune = steps['pretrain'] * reduced_s, steps['tune'] * full_s
   assert abs(full - budget) <= full_s / 2                           # Within half a step each.

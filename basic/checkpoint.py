@@ -189,6 +189,8 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(step, e) from e
     self._in_flight = step
+    logging.info('Saving checkpoint step %d to %s/%d%s.', step, self.directory, step,
+                 ' (in the background)' if self._async else '')
     if not self._async:
       self.wait()
     return saved

@@ -81,8 +81,29 @@ class JsonlWriter(metric_writers.MetricWriter):
       self._file.close()
 
 
+# The keys clu's ReportProgress writes at each report: its own line already gives steps/s and ETA.
+PROGRESS_KEYS = ('steps_per_sec', 'uptime')
+# The rows the console shows: the training loop's. An evaluation logs its own line
+# (basic.evaluate.run), so its results are not printed a second time.
+CONSOLE_PREFIXES = ('train/', 'data/')
+
+
+class ConsoleWriter(metric_writers.LoggingWriter):
+  """clu's LoggingWriter (one INFO line per write) for rows holding a key that starts with one of
+  `prefixes`, less the PROGRESS_KEYS; hyperparameters are logged once, as clu logs them."""
+
+  def __init__(self, prefixes=CONSOLE_PREFIXES):
+    super().__init__()
+    self._prefixes = tuple(prefixes)
+
+  def write_scalars(self, step, scalars):
+    if any(k.startswith(self._prefixes) for k in scalars):
+      super().write_scalars(step, {k: v for k, v in scalars.items() if k not in PROGRESS_KEYS})
+
+
 def create_writer(workdir: str, *, start_step: int = 0, tensorboard_dir: Optional[str] = None):
-  """TensorBoard + console logging + metrics.jsonl on process 0; a no-op writer elsewhere.
+  """TensorBoard + console logging (`ConsoleWriter`) + metrics.jsonl on process 0; a no-op writer
+  elsewhere.
 
   Args:
     workdir: metrics.jsonl goes here (local or gs://).
@@ -93,7 +114,8 @@ def create_writer(workdir: str, *, start_step: int = 0, tensorboard_dir: Optiona
   if jax.process_index() != 0:
     return metric_writers.MultiWriter([])
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(tensorboard_dir or workdir, asynchronous=False),
+      ConsoleWriter(),
+      metric_writers.SummaryWriter(str(tensorboard_dir or workdir)),
       JsonlWriter(str(epath.Path(workdir) / METRICS_FILE), start_step),
   ])
 

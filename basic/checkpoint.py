@@ -23,6 +23,11 @@ or `wait`) raises `CheckpointWriteError` naming the step's path and the last com
 failed step is never committed (its temporary directory is removed when the directory is next
 opened), so the earlier steps stay restorable and a rerun resumes from the last committed one.
 
+Older checkpoints restore into the current model and config: parameters saved under names since
+changed (the Transformer MLP's 'Dense_0' / 'Dense_1', now 'fc1' / 'fc2') through the map of
+basic.models.renames, and a saved config's missing fields at their defaults
+(basic.config_defaults.fill).
+
 Paths go through etils.epath (orbax writes arrays through tensorstore): see the README for the
 environment variables that point both at a GCS emulator.
 """
@@ -40,6 +45,9 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from basic import config_defaults
+from basic.models import renames
 
 STATE_ITEM = 'state'
 ITEMS = (STATE_ITEM, 'config', 'data', 'tokenizer')
@@ -202,9 +210,22 @@ class Checkpointer:
     arrays as saved (on the default device), e.g. for inference on one host.
     """
     step = self._step(step)
+    old_names = renames.is_old(self._state_metadata(step))   # Written before a renaming.
+    if old_names and template is not None:
+      template = renames.downgrade(template)
     args = ocp.args.StandardRestore(
         None if template is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, template))
-    return self._manager.restore(step, args=ocp.args.Composite(state=args))['state']
+    state = self._manager.restore(step, args=ocp.args.Composite(state=args))['state']
+    return renames.upgrade(state) if old_names else state
+
+  def _state_metadata(self, step: int):
+    """The saved state's tree of array metadata (names, shapes, dtypes) at `step`."""
+    reader = ocp.StandardCheckpointer()
+    try:
+      return reader.metadata(
+          epath.Path(self.directory) / str(step) / STATE_ITEM).item_metadata.tree
+    finally:
+      reader.close()
 
   def restore_latest(self, template) -> tuple[Optional[int], Any]:
     """-> (step, state) of the newest readable step, or (None, template) if there is none.
@@ -252,19 +273,16 @@ class Checkpointer:
     cannot address). Callers place them on a mesh with `basic.sharding.put_whole`.
     """
     step = self._step(step)
-    reader = ocp.StandardCheckpointer()
-    try:
-      metadata = reader.metadata(
-          epath.Path(self.directory) / str(step) / STATE_ITEM).item_metadata.tree
-    finally:
-      reader.close()
+    metadata = self._state_metadata(step)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     template = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
                             metadata)
     return self.restore(template, step)['params']
 
   def restore_config(self, step: Optional[int] = None) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(self._restore_json('config', step))
+    """The config saved at `step`, with the fields it lacks (an older version's) at their
+    defaults and renamed ones upgraded (basic.config_defaults.fill)."""
+    return config_defaults.fill(self._restore_json('config', step))
 
   def restore_data(self, step: Optional[int] = None) -> dict:
     return self._restore_json('data', step) or {}

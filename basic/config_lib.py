@@ -8,20 +8,16 @@ import re
 
 import ml_collections
 
+from basic import config_defaults
 from basic import contrastive
 from basic import optim
 from basic import tokenizer as tokenizer_lib
 from basic.data import pipeline
 from basic.data import preprocess
 from basic.data import text_mask
-from basic.models import coatnet
-from basic.models import convnext
-from basic.models import dual_encoder
-from basic.models import transformer
-from basic.models import vit
+from basic import models
 
 LOSSES = ('softmax', 'sigmoid')
-POOLS = {'image': ('gap', 'cls'), 'text': ('mean', 'eos', 'first', 'argmax')}
 
 
 class ConfigError(ValueError):
@@ -62,75 +58,38 @@ def _choice(config, field, choices):
   return value
 
 
-def _validate_coatnet(config, image_size):
-  """config.model.image of a CoAtNet: a named variant or explicit stage fields."""
-  cfg = config.model.image
-  variant = _get(config, 'model.image.variant')
-  if variant:
-    _choice(config, 'model.image.variant', tuple(coatnet.VARIANTS))
-  else:
-    _int(config, 'model.image.stem_dim', 1)
-    _int(config, 'model.image.head_dim', 1)
-    n = len(_get(config, 'model.image.depths'))
-    for field in ('depths', 'dims', 'block_types', 'strides'):
-      value = _get(config, f'model.image.{field}')
-      if len(value) != n or not n:
-        _fail(f'model.image.{field}', value,
-              f'must have one entry per stage, as model.image.depths ({n}).')
-    for field in ('depths', 'dims'):
-      if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in cfg[field]):
-        _fail(f'model.image.{field}', cfg[field], 'entries must be integers >= 1.')
-    if any(t not in coatnet.BLOCK_TYPES for t in cfg.block_types):
-      _fail('model.image.block_types', cfg.block_types,
-            f'entries must be one of {list(coatnet.BLOCK_TYPES)}.')
-    if any(s not in (1, 2) for s in cfg.strides):
-      _fail('model.image.strides', cfg.strides, 'entries must be 1 or 2.')
-    for dim, kind in zip(cfg.dims, cfg.block_types):
-      if kind == 'T' and dim % cfg.head_dim:
-        _fail('model.image.head_dim', cfg.head_dim,
-              f'must divide the Transformer stage widths in model.image.dims={cfg.dims}.')
-  spec = coatnet.variant_spec(cfg)
-  reduction = 2 ** (1 + sum(s == 2 for s in spec['strides']))
-  if image_size % reduction:
-    _fail('data.image_size', image_size,
-          f'must be a multiple of {reduction} (the CoAtNet stem and stride-2 stages).')
-  drop_path = _get(config, 'model.image.drop_path')
-  if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not (
-      0 <= drop_path < 1):
-    _fail('model.image.drop_path', drop_path, 'must be in [0, 1).')
-  _choice(config, 'model.image.remat', tuple(transformer.REMAT_POLICIES))
+def _str(config, field):
+  value = _get(config, field)
+  if not isinstance(value, str):
+    _fail(field, value, 'must be a string.')
+  return value
 
 
-def _validate_convnext(config, image_size):
-  """config.model.image of a ConvNeXt: a named timm size or explicit depths / dims / norm_eps."""
-  cfg = config.model.image
-  if _get(config, 'model.image.variant'):
-    _choice(config, 'model.image.variant', tuple(convnext.VARIANTS))
-  else:
-    n = len(_get(config, 'model.image.depths'))
-    dims = _get(config, 'model.image.dims')
-    if not n or len(dims) != n:
-      _fail('model.image.dims', dims,
-            f'must have one entry per stage, as model.image.depths ({n}).')
-    for field in ('depths', 'dims'):
-      if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in cfg[field]):
-        _fail(f'model.image.{field}', cfg[field], 'entries must be integers >= 1.')
-    _positive(config, 'model.image.norm_eps')
-  spec = convnext.variant_spec(cfg)
-  reduction = convnext.ConvNeXt.patch_size * 2 ** (len(spec['depths']) - 1)
-  if image_size % reduction:
-    _fail('data.image_size', image_size,
-          f'must be a multiple of {reduction} (the ConvNeXt stem and downsampling stages).')
-  drop_path = _get(config, 'model.image.drop_path')
-  if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or not (
-      0 <= drop_path < 1):
-    _fail('model.image.drop_path', drop_path, 'must be in [0, 1).')
-  _choice(config, 'model.image.remat', tuple(transformer.REMAT_POLICIES))
+def _bool(config, field):
+  value = _get(config, field)
+  if not isinstance(value, bool):
+    _fail(field, value, 'must be True or False.')
+  return value
+
+
+# The checks, for the `validate` of extensions (towers, losses, data sources, evaluators): each
+# takes the dotted field under `config.` and raises ConfigError naming it; they return the value.
+get_field = _get
+fail = _fail
+check_int = _int
+check_positive = _positive
+check_choice = _choice
+check_str = _str
+check_bool = _bool
 
 
 def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
              num_data_devices: int = 1):
-  """Raises ConfigError naming the first bad field. Returns the config unchanged."""
+  """Raises ConfigError naming the first bad field. Returns the config unchanged.
+
+  The fields `config` lacks are checked at their defaults (basic.config_defaults.fill).
+  """
+  original, config = config, config_defaults.fill(config)
   n = _int(config, 'batch_size', 1)
   m = _int(config, 'microbatch_size', 1)
   if n % m:
@@ -174,56 +133,9 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if min(config.data.std) <= 0:
     _fail('data.std', config.data.std, 'entries must be > 0.')
   _validate_data(config)
-  _validate_token_reduction(config)
   _validate_eval(config, num_processes, num_data_devices)
 
-  _int(config, 'model.embed_dim', 1)
-  _positive(config, 'model.temperature_init')
-  _positive(config, 'model.temperature_min')
-  _choice(config, 'model.dtype', tuple(dual_encoder.DTYPES))
-  image_tower = _choice(config, 'model.image.name', dual_encoder.IMAGE_TOWERS)
-  _choice(config, 'model.text.name', dual_encoder.TEXT_TOWERS)
-  if image_tower == 'coatnet':
-    _validate_coatnet(config, image_size)
-  elif image_tower == 'convnext':
-    _validate_convnext(config, image_size)
-  else:
-    patch = _int(config, 'model.image.patch_size', 1)
-    if image_size % patch:
-      _fail('model.image.patch_size', patch,
-            f'must divide config.data.image_size={image_size}.')
-  # The ViT image tower and the text tower share the Transformer fields.
-  for tower in ('image', 'text') if image_tower == 'vit' else ('text',):
-    width = _int(config, f'model.{tower}.width', 1)
-    heads = _int(config, f'model.{tower}.num_heads', 1)
-    if width % heads:
-      _fail(f'model.{tower}.num_heads', heads, f'must divide model.{tower}.width={width}.')
-    _int(config, f'model.{tower}.depth', 1)
-    _int(config, f'model.{tower}.mlp_dim', 1)
-    _choice(config, f'model.{tower}.pool', POOLS[tower])
-    _choice(config, f'model.{tower}.remat', tuple(transformer.REMAT_POLICIES))
-    dropout = _get(config, f'model.{tower}.dropout')
-    if not 0 <= dropout < 1:
-      _fail(f'model.{tower}.dropout', dropout, 'must be in [0, 1).')
-  _int(config, 'model.text.vocab_size', 8)
-  for tower in ('image', 'text'):   # Optional (absent = False): basic.models.scan.
-    if 'scan_layers' in config.model[tower] and not isinstance(
-        config.model[tower].scan_layers, bool):
-      _fail(f'model.{tower}.scan_layers', config.model[tower].scan_layers,
-            'must be True or False.')
-  # Optional Transformer fields (absent = the defaults of basic.models.transformer, vit, text).
-  for tower in ('image', 'text') if image_tower == 'vit' else ('text',):
-    if 'activation' in config.model[tower]:
-      _choice(config, f'model.{tower}.activation', tuple(transformer.ACTIVATIONS))
-    if 'norm_eps' in config.model[tower]:
-      _positive(config, f'model.{tower}.norm_eps')
-  optional_bools = ['model.text.mask_padding']
-  if image_tower == 'vit':
-    optional_bools += ['model.image.ln_pre', 'model.image.patch_bias']
-  for field in optional_bools:
-    tower, name = field.split('.')[1:]
-    if name in config.model[tower] and not isinstance(_get(config, field), bool):
-      _fail(field, _get(config, field), 'must be True or False.')
+  _validate_model(config)
 
   _choice(config, 'tokenizer.kind', tokenizer_lib.KINDS)
 
@@ -245,7 +157,7 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
       _fail(f'mesh.{axis}', size, 'must be a positive integer or -1 (the remaining devices).')
   if 'sharding' in config:
     _validate_sharding(config)
-  return config
+  return original
 
 
 # Failure handling and fault injection (basic/failures.py, basic/workdir_lock.py): the values of
@@ -276,6 +188,27 @@ def _validate_failure_fields(config):
   if stale < 2 * beat:
     _fail('workdir_lock_stale_s', stale, f'must be at least twice '
           f'config.workdir_lock_heartbeat_s={beat} (a live run would look stale).')
+
+
+def _validate_model(config):
+  """config.model: the joint fields, then each tower by its registry entry (basic.models): its
+  name, no field its Model lacks, and its own `validate`."""
+  _int(config, 'model.embed_dim', 1)
+  _positive(config, 'model.temperature_init')
+  _positive(config, 'model.temperature_min')
+  _choice(config, 'model.dtype', tuple(models.DTYPES))
+  for tower, towers in (('image', models.IMAGE_TOWERS), ('text', models.TEXT_TOWERS)):
+    field = f'model.{tower}'
+    name = _get(config, f'{field}.name')
+    if name not in towers:
+      _fail(f'{field}.name', name, f'unknown {towers.kind}; registered: {sorted(towers.names())}.')
+    entry = towers.get(name)
+    known = models.tower_fields(entry.Model)
+    for key, value in config.model[tower].items():
+      if key != 'name' and key not in known:
+        _fail(f'{field}.{key}', value, f'not a field of the {name!r} {towers.kind} '
+              f'(its fields: {sorted(known)}).')
+    entry.validate(config, field)
 
 
 def _validate_sharding(config):
@@ -316,23 +249,6 @@ def _range(config, field, low, high, *, high_open=False):
   if not ok:
     _fail(field, value, f'must be a pair (lo, hi) with {low} < lo <= hi '
           f'{"<" if high_open else "<="} {high}.')
-
-
-def _validate_token_reduction(config):
-  """CLIPA token reduction: config.data.text_mask and config.model.image.mask (both optional)."""
-  if 'text_mask' in config.data:
-    _choice(config, 'data.text_mask.kind', text_mask.KINDS)
-    _int(config, 'data.text_mask.length', 0)
-  if 'mask' in config.model.image:
-    kind = _choice(config, 'model.image.mask.kind', vit.MASK_KINDS)
-    ratio = _get(config, 'model.image.mask.ratio')
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-      _fail('model.image.mask.ratio', ratio, 'must be in [0, 1).')
-    _int(config, 'model.image.mask.cell', 1)
-    if kind != 'none' and config.model.image.name != 'vit':
-      _fail('model.image.mask.kind', kind,
-            f'patch masking needs a ViT; model.image.name={config.model.image.name!r} supports '
-            "token reduction by resolution (data.image_size) only: use 'none'.")
 
 
 def _validate_data(config):

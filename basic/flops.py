@@ -357,7 +357,7 @@ def peak_flops_per_device(config, devices) -> float:
   spec = device_spec(devices)
   if spec is not None:
     return spec.peak_flops
-  return float(config.get('peak_flops_per_device', 0) or 0)
+  return float(config.peak_flops_per_device)
 
 
 def mfu(model_flops_per_step: float, steps: int, seconds: float, num_devices: int,

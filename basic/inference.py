@@ -16,11 +16,11 @@ import jax
 import numpy as np
 
 from basic import checkpoint as checkpoint_lib
+from basic import models
 from basic import tokenizer as tokenizer_lib
 from basic.data import preprocess
 from basic.data import synthetic
 from basic.evaluate import ranking
-from basic.models import DualEncoder
 from basic.models import temperature_from_params
 
 # Prompt for labels when the caller gives no templates and the run's data has none of its own.
@@ -58,7 +58,7 @@ class Model:
   def __init__(self, config, params, tokenizer, step: int = 0, batch_size: int = 64):
     self.config, self.params, self.tokenizer, self.step = config, params, tokenizer, step
     self.batch_size = batch_size
-    self._model = DualEncoder(config)
+    self._model = models.build(config)
     self._image_fn = jax.jit(
         lambda p, x: self._model.apply({'params': p}, x, method='encode_image'))
     self._text_fn = jax.jit(
@@ -71,8 +71,8 @@ class Model:
   def preprocess(self, images) -> np.ndarray:
     """Images (PIL or arrays of any size) -> uint8 [n, S, S, 3], S = config.data.image_size."""
     size = self.config.data.image_size
-    method = self.config.data.get('resize_method', 'bilinear')
-    antialias = self.config.data.get('antialias', True)
+    method = self.config.data.resize_method
+    antialias = self.config.data.antialias
     out = []
     for image in images:
       image = _to_uint8_rgb(image)
@@ -132,9 +132,9 @@ def load(path: str, step: Optional[int] = None, batch_size: int = 64) -> Model:
       raise FileNotFoundError(f'Checkpoint {ckpt.directory}/{step} holds no tokenizer (written '
                               'by an older version); set config.tokenizer.model_path and retrain.')
     kind = ckpt.restore_tokenizer_kind(step)
-    if kind != config.tokenizer.get('kind', 'sentencepiece'):
+    if kind != config.tokenizer.kind:
       raise ValueError(f'Checkpoint {ckpt.directory}/{step} holds a {kind} tokenizer, but its '
-                       f'config says tokenizer.kind={config.tokenizer.get("kind")!r}.')
+                       f'config says tokenizer.kind={config.tokenizer.kind!r}.')
     params = ckpt.restore_params(step)
   with tempfile.NamedTemporaryFile(suffix='-' + tokenizer_lib.MODEL_FILENAMES[kind],
                                    delete=False) as f:

@@ -25,7 +25,7 @@ def learning_rate_schedule(opt_config, total_steps: int):
   """Linear warmup from 0 to `learning_rate`, then cosine/linear decay to end_lr_ratio * lr."""
   lr = opt_config.learning_rate
   warmup = opt_config.warmup_steps
-  end = lr * opt_config.get('end_lr_ratio', 0.0)
+  end = lr * opt_config.end_lr_ratio
   decay_steps = max(total_steps - warmup, 1)
   if opt_config.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
@@ -88,7 +88,7 @@ def adafactorw(opt_config, schedule) -> optax.GradientTransformation:
   `clipping_threshold` (update clipping by block RMS; None or 0 = off), `eps`,
   `weight_decay` (masked by `weight_decay_mask`).
   """
-  min_dim = opt_config.get('min_dim_size_to_factor', 128)
+  min_dim = opt_config.min_dim_size_to_factor
   factored = optax.scale_by_factored_rms(
       factored=opt_config.factored, decay_rate=opt_config.decay_rate,
       min_dim_size_to_factor=min_dim, epsilon=opt_config.eps)
@@ -98,9 +98,9 @@ def adafactorw(opt_config, schedule) -> optax.GradientTransformation:
       return inner(params)
     factored = optax.GradientTransformation(init_fn, factored.update)
   chain = [factored]
-  if opt_config.get('clipping_threshold'):
+  if opt_config.clipping_threshold:
     chain.append(clip_by_layer_rms(opt_config.clipping_threshold))
-  if opt_config.get('b1'):
+  if opt_config.b1:
     chain.append(optax.ema(opt_config.b1, debias=False))
   if opt_config.weight_decay:
     chain.append(optax.add_decayed_weights(opt_config.weight_decay, mask=weight_decay_mask))
@@ -119,7 +119,7 @@ def make_optimizer(opt_config, total_steps: int):
   else:
     raise ValueError(f'Unknown config.optimizer.name {opt_config.name!r}; one of {OPTIMIZERS}.')
   chain = []
-  if opt_config.get('grad_clip_norm'):
+  if opt_config.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
   chain.append(opt)
   return optax.chain(*chain), schedule

@@ -127,10 +127,10 @@ import jax.numpy as jnp
 from basic import config_lib
 from basic import contrastive_sharded
 from basic import flops as flops_lib
+from basic import models
 from basic import optim
 from basic import sharding
 from basic import train
-from basic.models import DualEncoder
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # --config (and its --config.* overrides) is the flag basic.train defines on import.
@@ -172,7 +172,7 @@ def compile_step(config, devices):
   shardings (`config.mesh` over `devices`), lowered and compiled from abstract shapes."""
   mesh = sharding.make_mesh(config.mesh, devices)
   config_lib.validate(config, num_data_devices=mesh.shape[sharding.DATA_AXIS])
-  model = DualEncoder(config)
+  model = models.build(config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   abstract, shardings = train.abstract_train_state(config, model, tx, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

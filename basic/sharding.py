@@ -286,13 +286,12 @@ def tree_partition_specs(tree, params, param_specs):
 
 
 def sharding_config_specs(params, mesh: Mesh, sharding_config):
-  """`param_partition_specs` with the fields of `config.sharding` (absent = no rules)."""
+  """`param_partition_specs` with the fields of `config.sharding` (None = no rules)."""
   if sharding_config is None:
     return param_partition_specs(params, (), mesh)
   return param_partition_specs(
-      params, tuple(sharding_config.get('rules', ())), mesh,
-      fsdp=bool(sharding_config.get('fsdp', False)),
-      fsdp_min_size=int(sharding_config.get('fsdp_min_size', 2**18)))
+      params, tuple(sharding_config.rules), mesh, fsdp=bool(sharding_config.fsdp),
+      fsdp_min_size=int(sharding_config.fsdp_min_size))
 
 
 def param_shardings(params, mesh: Mesh, sharding_config):
@@ -308,7 +307,7 @@ def state_shardings(abstract_state, mesh: Mesh, config):
   Parameters follow `config.sharding`; optimiser-state leaves that mirror a parameter follow
   that parameter; everything else is replicated.
   """
-  param_specs = sharding_config_specs(abstract_state.params, mesh, config.get('sharding'))
+  param_specs = sharding_config_specs(abstract_state.params, mesh, config.sharding)
   specs = tree_partition_specs(abstract_state, abstract_state.params, param_specs)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda s: isinstance(s, P))

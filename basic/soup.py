@@ -76,11 +76,11 @@ def zeroshot_metric(config, tokenizer_model: bytes) -> Callable[[dict], float]:
   from basic.data import pipeline  # pylint: disable=g-import-not-at-top
   from basic.evaluate import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
   from basic.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
-  from basic.models import DualEncoder  # pylint: disable=g-import-not-at-top
+  from basic import models  # pylint: disable=g-import-not-at-top
   with tempfile.NamedTemporaryFile(suffix='.model', delete=False) as f:
     f.write(tokenizer_model)
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, f.name, config.data.text_length)
-  model, data = DualEncoder(config), pipeline.make_zeroshot_data(config)
+  model, data = models.build(config), pipeline.make_zeroshot_data(config)
   # The soup's parameters live on this process's first device.
   mesh = sharding.make_mesh({'data': 1, 'model': 1}, jax.devices()[:1])
   encoders = encoders_lib.Encoders(model, mesh, config.microbatch_size)

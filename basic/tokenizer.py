@@ -173,11 +173,11 @@ class Tokenizer:
 def make_tokenizer(tokenizer_config, model_path: str, length: int):
   """The tokenizer of `config.tokenizer` (its `kind`) with the model file at `model_path`.
 
-  -> `Tokenizer` (kind 'sentencepiece', the default when the field is absent) or
+  -> `Tokenizer` (kind 'sentencepiece') or
   `basic.clip_bpe.ClipBpeTokenizer` ('clip_bpe': always lowercases and adds SOT / EOT, as
   OpenCLIP; the fields lowercase, add_bos, add_eos do not apply).
   """
-  kind = tokenizer_config.get('kind', 'sentencepiece')
+  kind = tokenizer_config.kind
   if kind == 'sentencepiece':
     return Tokenizer.from_config(tokenizer_config, model_path, length)
   if kind == 'clip_bpe':
@@ -201,14 +201,14 @@ def ensure_tokenizer(config, workdir: str) -> str:
   then all read it.
   """
   path = config.tokenizer.model_path
-  kind = config.tokenizer.get('kind', 'sentencepiece')
+  kind = config.tokenizer.kind
   if path:
     if not epath.Path(path).exists():
       raise FileNotFoundError(f'config.tokenizer.model_path={path!r} does not exist.')
     return path
   import jax  # pylint: disable=g-import-not-at-top
   path = epath.Path(workdir) / 'tokenizer' / MODEL_FILENAMES[kind]
-  init_from = config.get('init_from', '')
+  init_from = config.init_from
   if init_from and jax.process_index() == 0 and not path.exists():
     _copy_checkpoint_tokenizer(init_from, kind, path)
   if kind == 'sentencepiece' and jax.process_index() == 0:

@@ -32,6 +32,7 @@ from basic import flops as flops_lib
 from basic import failures
 from basic import gradcache
 from basic import metric_writers
+from basic import models
 from basic import multihost
 from basic import optim
 from basic import sharding
@@ -40,7 +41,6 @@ from basic import workdir_lock
 from basic.data import pipeline
 from basic.data import tf_setup
 from basic.evaluate import run as evaluate_run
-from basic.models import DualEncoder
 from basic.models import posemb
 from basic.models import scan
 from basic.models import temperature_from_params
@@ -260,7 +260,7 @@ def create_train_state(config, model, tx, mesh):
 def init_training(config, mesh=None):
   """What a run builds before its loop (benchmarks and tests build the same):
   -> (model, tx, schedule, state at step 0, state shardings); `mesh` defaults to config.mesh's."""
-  model = DualEncoder(config)
+  model = models.build(config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   state, shardings = create_train_state(config, model, tx, mesh)

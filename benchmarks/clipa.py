@@ -54,7 +54,8 @@ def _image_tower_timer(config):
   from basic.models import vit  # pylint: disable=g-import-not-at-top
   c = config.model.image
   model = vit.ViT(patch_size=c.patch_size, width=c.width, depth=c.depth, num_heads=c.num_heads,
-                  mlp_dim=c.mlp_dim, pool=c.pool, mask=c.mask.kind, mask_ratio=c.mask.ratio)
+                  mlp_dim=c.mlp_dim, pool=c.pool,
+                  mask=dict(kind=c.mask.kind, ratio=c.mask.ratio, cell=c.mask.cell))
   n, size = config.batch_size, config.data.image_size
   images = np.random.default_rng(0).normal(size=(n, size, size, 3)).astype(np.float32)
   params = model.init(jax.random.key(0), images[:1])['params']

@@ -43,8 +43,8 @@ text tower constrained its token-embedding output to the data axis (basic/models
 over 'data', the lookup's output inherited that, and every device ran the whole text microbatch.
 For a v4 slice, halve the activations per chip (microbatch 4096, K = 16); not measured.
 """
-import ml_collections
-
+from basic import config_defaults
+from basic import models
 from configs import common
 
 
@@ -71,15 +71,13 @@ def get_config(arg=None):
   config.model.temperature_init = 0.07  # (CHOICE) CLIP's init; BASIC learns the temperature.
   config.model.temperature_min = 0.01
 
-  config.model.image = ml_collections.ConfigDict()
-  config.model.image.name = 'coatnet'
+  config.model.image = config_defaults.tower('coatnet')
   config.model.image.variant = 'coatnet-7'  # (UNVERIFIED) BASIC model-size table: CoAtNet-7.
   config.model.image.drop_path = 0.0        # (CHOICE) no stochastic depth for 6.6B pairs.
   config.model.image.remat = 'full'         # [BASIC-abs] v3: gradient checkpointing.
   config.model.image.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
-  config.model.text = ml_collections.ConfigDict()
-  config.model.text.name = 'transformer'
+  config.model.text = config_defaults.tower('transformer', kind='text')
   config.model.text.vocab_size = 32_000  # (UNVERIFIED) BASIC: 32K SentencePiece vocabulary.
   config.model.text.width = 2048         # (UNVERIFIED) BASIC model-size table: hidden 2048,
   config.model.text.depth = 12           # 12 layers,
@@ -91,7 +89,6 @@ def get_config(arg=None):
   config.model.text.remat = 'full'       # [BASIC-abs] v3: gradient checkpointing.
   config.model.text.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
-  config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adafactorw'   # (UNVERIFIED) BASIC: AdaFactor + decoupled weight decay.
   config.optimizer.learning_rate = 1e-3  # (UNVERIFIED) peak learning rate.
   config.optimizer.warmup_steps = 10_000  # (UNVERIFIED) linear warmup,
@@ -106,11 +103,9 @@ def get_config(arg=None):
   config.optimizer.min_dim_size_to_factor = 128  # optax default.
   config.optimizer.grad_clip_norm = 1.0  # (CHOICE) global-norm clipping before Adafactor.
 
-  config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.model = 4                  # (CHOICE) see the module docstring.
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.rules = common.COATNET_RULES + common.TRANSFORMER_RULES
+  config.sharding.rules = models.sharding_rules(config.model)
   config.sharding.fsdp = True
   config.sharding.fsdp_min_size = 2**18
 

@@ -34,8 +34,8 @@ PLANNED FOR A POD (CHOICE, not measured): a TPU v4-256 slice (128 chips) or v5e-
   loss is sharded over the 128 chips (basic/contrastive_sharded.py): each computes its
   512 rows against all 65536 columns, so its block is 512 x 65536 (128 MiB).
 """
-import ml_collections
-
+from basic import config_defaults
+from basic import models
 from configs import common
 
 
@@ -62,8 +62,7 @@ def get_config(arg=None):
   config.model.temperature_init = 0.07  # (CHOICE) CLIP's init; BASIC learns the temperature.
   config.model.temperature_min = 0.01
 
-  config.model.image = ml_collections.ConfigDict()
-  config.model.image.name = 'coatnet'
+  config.model.image = config_defaults.tower('coatnet')
   config.model.image.variant = 'coatnet-3'  # (UNVERIFIED) BASIC model-size table: CoAtNet-3.
   config.model.image.drop_path = 0.0        # (CHOICE) no stochastic depth for 6.6B pairs.
   # [BASIC-abs] v3: gradient checkpointing (rematerialisation) against the memory limit;
@@ -71,8 +70,7 @@ def get_config(arg=None):
   config.model.image.remat = 'dots_with_no_batch_dims_saveable'
   config.model.image.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
-  config.model.text = ml_collections.ConfigDict()
-  config.model.text.name = 'transformer'
+  config.model.text = config_defaults.tower('transformer', kind='text')
   config.model.text.vocab_size = 32_000  # (UNVERIFIED) BASIC: 32K SentencePiece vocabulary.
   config.model.text.width = 1024         # (UNVERIFIED) BASIC model-size table: hidden 1024,
   config.model.text.depth = 12           # 12 layers,
@@ -84,7 +82,6 @@ def get_config(arg=None):
   config.model.text.remat = 'dots_with_no_batch_dims_saveable'  # As the image tower.
   config.model.text.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
-  config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adafactorw'   # (UNVERIFIED) BASIC: AdaFactor + decoupled weight decay.
   config.optimizer.learning_rate = 1e-3  # (UNVERIFIED) peak learning rate.
   config.optimizer.warmup_steps = 10_000  # (UNVERIFIED) linear warmup,
@@ -99,11 +96,9 @@ def get_config(arg=None):
   config.optimizer.min_dim_size_to_factor = 128  # optax default.
   config.optimizer.grad_clip_norm = 1.0  # (CHOICE) global-norm clipping before Adafactor.
 
-  config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.model = 1                  # (CHOICE) see the module docstring.
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.rules = common.COATNET_RULES + common.TRANSFORMER_RULES
+  config.sharding.rules = models.sharding_rules(config.model)
   config.sharding.fsdp = True
   config.sharding.fsdp_min_size = 2**18
 

@@ -32,8 +32,8 @@ PLANNED FOR A POD (CHOICE, not measured): a TPU v4-128 slice (64 chips) or v5e-6
   loss is sharded over the 64 chips (basic/contrastive_sharded.py): each computes its
   1024 rows against all 65536 columns, so its block is 1024 x 65536 (256 MiB).
 """
-import ml_collections
-
+from basic import config_defaults
+from basic import models
 from configs import common
 
 
@@ -60,15 +60,13 @@ def get_config(arg=None):
   config.model.temperature_init = 0.07  # (CHOICE) CLIP's init; BASIC learns the temperature.
   config.model.temperature_min = 0.01
 
-  config.model.image = ml_collections.ConfigDict()
-  config.model.image.name = 'coatnet'
+  config.model.image = config_defaults.tower('coatnet')
   config.model.image.variant = 'coatnet-0'  # (UNVERIFIED) BASIC model-size table: CoAtNet-0.
   config.model.image.drop_path = 0.0        # (CHOICE) no stochastic depth for 6.6B pairs.
   config.model.image.remat = 'none'         # (CHOICE) small enough without remat.
   config.model.image.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
-  config.model.text = ml_collections.ConfigDict()
-  config.model.text.name = 'transformer'
+  config.model.text = config_defaults.tower('transformer', kind='text')
   config.model.text.vocab_size = 32_000  # (UNVERIFIED) BASIC: 32K SentencePiece vocabulary.
   config.model.text.width = 1024         # (UNVERIFIED) BASIC model-size table: hidden 1024,
   config.model.text.depth = 6            # 6 layers,
@@ -80,7 +78,6 @@ def get_config(arg=None):
   config.model.text.remat = 'none'       # (CHOICE) small enough without remat.
   config.model.text.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
-  config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adafactorw'   # (UNVERIFIED) BASIC: AdaFactor + decoupled weight decay.
   config.optimizer.learning_rate = 1e-3  # (UNVERIFIED) peak learning rate.
   config.optimizer.warmup_steps = 10_000  # (UNVERIFIED) linear warmup,
@@ -95,11 +92,9 @@ def get_config(arg=None):
   config.optimizer.min_dim_size_to_factor = 128  # optax default.
   config.optimizer.grad_clip_norm = 1.0  # (CHOICE) global-norm clipping before Adafactor.
 
-  config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.model = 1                  # (CHOICE) see the module docstring.
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.rules = common.COATNET_RULES + common.TRANSFORMER_RULES
+  config.sharding.rules = models.sharding_rules(config.model)
   config.sharding.fsdp = False
   config.sharding.fsdp_min_size = 2**18
 

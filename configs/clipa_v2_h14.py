@@ -26,8 +26,8 @@ FSDP for parameters of >= 2^18 elements ([P]: partition_states=True), gradient-c
 microbatches of 4096 / 1024 / 1024 per stage: the largest power of two whose step the TPU
 compiler fits on a 16 GiB v3 core with >= 10% headroom (python -m basic.plan --topology=v3:8x16).
 """
-import ml_collections
-
+from basic import config_defaults
+from basic import models
 from configs import common
 
 # Per stage: [P], [T224], [T336].
@@ -112,25 +112,19 @@ def get_config(arg=None):
   config.model.temperature_init = 0.07   # [P] temperature_init = 1 / 0.07 (logit scale).
   config.model.temperature_min = 0.01
 
-  config.model.image = ml_collections.ConfigDict()
-  config.model.image.name = 'vit'
-  config.model.image.patch_size = 14     # [P] img='H/14'; big_vision ViT 'H':
-  config.model.image.width = 1280        # width 1280,
-  config.model.image.depth = 32          # 32 layers,
-  config.model.image.num_heads = 16      # 16 heads,
-  config.model.image.mlp_dim = 5120      # MLP 5120.
+  config.model.image = config_defaults.tower('vit')
+  config.model.image.variant = 'H/14'   # [P] img='H/14': big_vision ViT 'H' (width 1280, 32
+                                         # layers, 16 heads, MLP 5120), patches of 14.
   config.model.image.pool = 'gap'        # [P] pool_type 'gap'.
   config.model.image.posemb = 'sincos2d'  # [P] posemb 'sincos2d'.
   config.model.image.dropout = 0.0
   config.model.image.remat = 'full'      # [P] remat_policy 'actcp' (gradient checkpointing).
   config.model.image.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
-  config.model.image.mask = ml_collections.ConfigDict()
   config.model.image.mask.kind = 'random' if stage['mask_ratio'] else 'none'   # [T224/T336].
   config.model.image.mask.ratio = stage['mask_ratio']
   config.model.image.mask.cell = 2
 
-  config.model.text = ml_collections.ConfigDict()
-  config.model.text.name = 'transformer'
+  config.model.text = config_defaults.tower('transformer', kind='text')
   config.model.text.vocab_size = 30522   # [P] txt='bert_base': BERT-base WordPiece vocabulary.
   config.model.text.width = 1024         # [P] text variant = img 'H'; big_vision text 'H':
   config.model.text.depth = 24           # width 1024, 24 layers,
@@ -142,7 +136,6 @@ def get_config(arg=None):
   config.model.text.remat = 'full'       # [T224] remat_policy 'actcp'.
   config.model.text.scan_layers = True   # (CHOICE) one nn.scan over identical blocks.
 
-  config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'        # [P] scale_by_adam + decoupled weight decay.
   config.optimizer.learning_rate = stage['learning_rate']
   config.optimizer.warmup_steps = stage['warmup_steps']
@@ -154,11 +147,9 @@ def get_config(arg=None):
   config.optimizer.weight_decay = 0.2    # [P] wd = 0.2.
   config.optimizer.grad_clip_norm = 0.0  # [P] no gradient clipping set.
 
-  config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1
   config.mesh.model = 1                  # [P] num_partitions = 1.
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.rules = common.TRANSFORMER_RULES
+  config.sharding.rules = models.sharding_rules(config.model)
   config.sharding.fsdp = True            # [P] partition_states = True.
   config.sharding.fsdp_min_size = 2**18
 

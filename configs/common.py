@@ -5,7 +5,7 @@
 """
 import ml_collections
 
-from configs import tiny
+from basic import config_defaults
 
 
 def parse_arg(arg, **defaults):
@@ -26,10 +26,8 @@ def parse_arg(arg, **defaults):
 
 
 def base_config():
-  """Fields every paper config shares with configs/tiny.py (logging, tokenizer, eval, mesh)."""
-  config = tiny.get_config()
-  del config.sharding  # Each paper config states its own rules.
-  return config
+  """The schema (basic/config_defaults.py) every paper config starts from."""
+  return config_defaults.get_config()
 
 
 def paper_data(config, *, image_size, text_length):
@@ -63,21 +61,28 @@ def paper_data(config, *, image_size, text_length):
   return config
 
 
+# The small twins' text vocabulary: SentencePiece pieces trained on the synthetic captions (as
+# configs/tiny.py).
+LOCAL_VOCAB_SIZE = 256
+
+
 def runlocal(config, *, image, text):
   """Turns a paper config into its small twin that trains on the synthetic default on a CPU.
 
   Keeps the paper config's kind of towers, loss, optimiser and schedule shape; replaces the data
-  by the embedded synthetic shapes (32 px, 16 tokens), the towers by `image` / `text` (dicts of
-  tiny sizes), the batch by 64 in 2 microbatches (so the gradient-cached path runs), and the
-  step counts by a few.
+  by the embedded synthetic shapes (32 px, 16 tokens: the schema's data), the towers' sizes by
+  `image` / `text` (dicts of tiny sizes; a named variant is dropped for them), the batch by 64
+  in 2 microbatches (so the gradient-cached path runs), and the step counts by a few.
   """
-  local = tiny.get_config()
+  local = config_defaults.get_config()
   config.data = local.data
   config.tokenizer = local.tokenizer
   config.eval = local.eval
+  if 'variant' in config.model.image:
+    config.model.image.variant = ''
   config.model.image.update(image)
   config.model.text.update(text)
-  config.model.text.vocab_size = local.model.text.vocab_size
+  config.model.text.vocab_size = LOCAL_VOCAB_SIZE
   config.model.embed_dim = 64
   config.model.dtype = 'float32'
   config.batch_size = 64
@@ -91,43 +96,3 @@ def runlocal(config, *, image, text):
   config.optimizer.warmup_steps = 5
   config.mesh = local.mesh
   return config
-
-
-# Sharding rules (basic/sharding.py): regexes on '/'-joined parameter paths, first match wins,
-# specs name mesh axes per dimension. Megatron-style tensor parallelism over 'model': attention
-# heads, MLP / MBConv hidden channels and the vocabulary are split.
-TRANSFORMER_RULES = (
-    # basic.models.transformer (ViT image tower and text tower).
-    (r'attn/(query|key|value)/kernel$', (None, 'model', None)),   # [D, heads, D/heads]
-    (r'attn/(query|key|value)/bias$', ('model', None)),           # [heads, D/heads]
-    (r'attn/out/kernel$', ('model', None, None)),                 # [heads, D/heads, D]
-    (r'mlp/Dense_0/kernel$', (None, 'model')),                    # [D, mlp_dim]
-    (r'mlp/Dense_0/bias$', ('model',)),                           # [mlp_dim]
-    (r'mlp/Dense_1/kernel$', ('model', None)),                    # [mlp_dim, D]
-    (r'token_embedding/embedding$', ('model', None)),             # [vocab, D]
-    (r'^text/pos_embedding$', (None, None, 'model')),             # [1, L, D]
-    (r'^image/embedding/kernel$', (None, None, None, 'model')),   # ViT patches [p, p, 3, D]
-    (r'^image/pos_embedding$', (None, None, 'model')),            # [1, T, D]
-    (r'_proj/kernel$', ('model', None)),                          # [width, embed_dim]
-)
-COATNET_RULES = (
-    # basic.models.coatnet. Transformer blocks: heads / MLP hidden over 'model'.
-    (r'^image/.*attn/qkv/kernel$', (None, None, 'model', None)),  # [Cin, 3, heads, head_dim]
-    (r'^image/.*attn/qkv/bias$', (None, 'model', None)),          # [3, heads, head_dim]
-    (r'^image/.*attn/out/kernel$', ('model', None, None)),        # [heads, head_dim, D]
-    (r'^image/.*attn/relative_bias$', (None, 'model')),           # [(2H-1)(2W-1), heads]
-    (r'^image/.*mlp_in/kernel$', (None, 'model')),                # [D, 4D]
-    (r'^image/.*mlp_in/bias$', ('model',)),                       # [4D]
-    (r'^image/.*mlp_out/kernel$', ('model', None)),               # [4D, D]
-    # MBConv blocks: the expanded channels over 'model'.
-    (r'^image/.*/expand/kernel$', (None, None, None, 'model')),   # [1, 1, C, 4C]
-    (r'^image/.*ln_expand/(scale|bias)$', ('model',)),            # [4C]
-    (r'^image/.*depthwise/kernel$', (None, None, None, 'model')),  # [3, 3, 1, 4C]
-    (r'^image/.*ln_depthwise/(scale|bias)$', ('model',)),         # [4C]
-    (r'^image/.*se_reduce/kernel$', ('model', None)),             # [4C, C]
-    (r'^image/.*se_expand/kernel$', (None, 'model')),             # [C, 4C]
-    (r'^image/.*se_expand/bias$', ('model',)),                    # [4C]
-    (r'^image/.*project/kernel$', (None, None, 'model', None)),   # [1, 1, 4C, D]
-    (r'^image/.*shortcut_proj/kernel$', (None, 'model')),         # [Cin, D]
-    (r'^image/stem_conv\d/kernel$', (None, None, None, 'model')),  # [3, 3, Cin, D0]
-)

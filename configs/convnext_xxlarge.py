@@ -37,28 +37,13 @@ the same mesh and microbatch: the TPU compiler's plan (`python -m basic.plan --t
 with `--config.model.{image,text}.scan_layers=True`; BENCHMARKS.md "TPU compiler plans") needs
 9.34 GiB per chip, 71% headroom.
 """
-import ml_collections
-
+from basic import config_defaults
+from basic import models
 from configs import common
 
 _CORE_STEPS_PER_EPOCH = 1656   # OpenCLIP data.py: ceil(ceil(135646078 / 81920) / 6 workers) * 6.
 _REWIND_STEPS_PER_EPOCH = 1422  # The same at batch 95744: ceil(ceil(1416.76) / 6) * 6.
 _EPOCHS = 256                  # Card: --epochs=256 "checkpoint intervals" of 135.6M samples.
-
-# Sharding of basic/models/convnext.py parameters (paths like
-# 'image/stage2_block07/mlp_fc1/kernel'). Megatron-style over 'model': the MLP hidden channels
-# are split (fc1 column-parallel, fc2 and the downsampling convs row-parallel, one all-reduce
-# each); depthwise and stem kernels act on replicated activations and are stated replicated
-# (at most 150,528 elements: under fsdp_min_size, so FSDP leaves them whole too).
-CONVNEXT_RULES = (
-    (r'^image/.*mlp_fc1/kernel$', (None, 'model')),                   # [C, 4C]
-    (r'^image/.*mlp_fc1/bias$', ('model',)),                          # [4C]
-    (r'^image/.*mlp_fc2/kernel$', ('model', None)),                   # [4C, C]
-    (r'^image/.*downsample_conv/kernel$', (None, None, 'model', None)),  # [2, 2, Cin, Cout]
-    (r'^image/.*conv_dw/kernel$', (None, None, None, None)),          # [7, 7, 1, C]
-    (r'^image/stem_conv/kernel$', (None, None, None, None)),          # [4, 4, 3, C0]
-)
-
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, rewind=False)
@@ -97,8 +82,7 @@ def get_config(arg=None):
   config.model.temperature_init = 0.07  # OpenCLIP: logit_scale init ln(1 / 0.07),
   config.model.temperature_min = 0.01   # clamped at ln(100).
 
-  config.model.image = ml_collections.ConfigDict()
-  config.model.image.name = 'convnext'
+  config.model.image = config_defaults.tower('convnext')
   config.model.image.variant = 'convnext_xxlarge'  # Card: timm convnext_xxlarge image tower.
   config.model.image.drop_path = 0.1    # Card: SD (0.1), image tower only (json timm_drop_path).
   config.model.image.remat = 'full'     # Card: --grad-checkpointing.
@@ -106,8 +90,7 @@ def get_config(arg=None):
   # scanned (while-loop) body once. --config.model.image.scan_layers=True (and text) scans.
   config.model.image.scan_layers = False
 
-  config.model.text = ml_collections.ConfigDict()
-  config.model.text.name = 'transformer'
+  config.model.text = config_defaults.tower('transformer', kind='text')
   config.model.text.vocab_size = 49408  # OpenCLIP convnext_xxlarge.json: vocab_size 49408,
   config.model.text.width = 1024        # Card: "a text tower with same size (with 1024,
   config.model.text.depth = 24          # heads 16, depth 24) as ViT-H-14 and ViT-g-14".
@@ -123,7 +106,6 @@ def get_config(arg=None):
   config.model.text.remat = 'full'       # Card: --grad-checkpointing (both towers).
   config.model.text.scan_layers = False  # As the image tower.
 
-  config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'       # OpenCLIP default --opt adamw.
   config.optimizer.learning_rate = 1e-3  # Card: --lr 1e-3.
   config.optimizer.warmup_steps = 10_000  # Card: --warmup 10000.
@@ -135,11 +117,9 @@ def get_config(arg=None):
   config.optimizer.weight_decay = 0.2   # OpenCLIP default --wd 0.2 (not on gains / biases).
   config.optimizer.grad_clip_norm = 5.0  # Card: --grad-clip-norm 5.0.
 
-  config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1                 # (CHOICE) 256 GPUs, see the module docstring.
   config.mesh.model = 1
-  config.sharding = ml_collections.ConfigDict()
-  config.sharding.rules = CONVNEXT_RULES + common.TRANSFORMER_RULES
+  config.sharding.rules = models.sharding_rules(config.model)
   config.sharding.fsdp = True           # (CHOICE) 14.4 GB of f32 params + Adam moments.
   config.sharding.fsdp_min_size = 2**18
 

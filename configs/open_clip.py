@@ -69,8 +69,8 @@ def clip_vit(*, image_size: int, patch_size: int, width: int, depth: int, num_he
                temperature_init=temperature_init, temperature_min=temperature_min,
                tokenizer_path=tokenizer_path, scan_layers=scan_layers)
   image = config.model.image
-  image.update(dict(patch_size=patch_size, width=width, depth=depth, num_heads=num_heads,
-                    mlp_dim=mlp_dim, pool='cls', posemb='learn'))
+  image.update(dict(variant='', patch_size=patch_size, width=width, depth=depth,
+                    num_heads=num_heads, mlp_dim=mlp_dim, pool='cls', posemb='learn'))
   image.activation = activation
   image.norm_eps = norm_eps
   image.ln_pre = ln_pre

@@ -22,12 +22,12 @@ from basic import gradcache
 from basic import optim
 from basic import sharding
 from basic import train
-from basic.models import DualEncoder
+from basic.models import build as build_model
 from configs import tiny
 
 NUM_STEPS = 3
 SHARDED_PARAM = ('image', 'encoder', 'block00', 'attn', 'query', 'kernel')   # [64, 4, 16]
-MLP_PARAM = ('text', 'encoder', 'block00', 'mlp', 'Dense_0', 'kernel')       # [64, 128]
+MLP_PARAM = ('text', 'encoder', 'block00', 'mlp', 'fc1', 'kernel')       # [64, 128]
 
 
 def small_config(data, model, fsdp=False):
@@ -73,7 +73,7 @@ def raw_gradients(config, model, mesh, state, shardings):
 def run(config, devices):
   """-> (state after NUM_STEPS, its shardings, losses, (loss, grads) of the first batch)."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  model = DualEncoder(config)
+  model = build_model(config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   state, shardings = train.create_train_state(config, model, tx, mesh)
   raw = raw_gradients(config, model, mesh, state, shardings)
@@ -135,7 +135,7 @@ def main(out_dir, run_all=False):
                                     'restore1': (1, 1, devices[:1])}.items():
     target = small_config(data, model)
     mesh = sharding.make_mesh(target.mesh, devs)
-    m = DualEncoder(target)
+    m = build_model(target)
     tx, _ = optim.make_optimizer(target.optimizer, target.total_steps)
     abstract, shardings = train.abstract_train_state(target, m, tx, mesh)
     template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -22,7 +22,7 @@ from basic import optim
 from basic import sharding
 from basic import soup
 from basic import train
-from basic.models import DualEncoder
+from basic.models import build as build_model
 from tests.test_train import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ SUBPROCESS_ENV = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
 
 
 def _template(config):
-  model = DualEncoder(config)
+  model = build_model(config)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
   state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
   return state

@@ -20,7 +20,7 @@ WIDTH = 32
 
 def make_vit(mask='random', ratio=0.5, pool='gap', cell=2):
   return vit.ViT(patch_size=PATCH, width=WIDTH, depth=2, num_heads=2, mlp_dim=64, pool=pool,
-                 mask=mask, mask_ratio=ratio, mask_cell=cell)
+                 mask=dict(kind=mask, ratio=ratio, cell=cell))
 
 
 def images(n, seed=0):

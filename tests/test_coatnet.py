@@ -1,13 +1,12 @@
 """CoAtNet image tower: sizes against the CoAtNet paper, semantics, exact gradient caching."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from basic import gradcache
 from basic import train
-from basic.models import DualEncoder
+from basic.models import build as build_model
 from basic.models import coatnet
 from configs import basic_s
 import tower_helpers
@@ -40,7 +39,7 @@ def classifier_params(width, classes=1000):
 
 
 def _tower_params(variant, size=224):
-  spec = coatnet.variant_spec(ml_collections.ConfigDict({'variant': variant}))
+  spec = coatnet.variant_spec(variant)
   model = coatnet.CoAtNet(**spec)
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)['params'], spec
@@ -72,7 +71,7 @@ def _small_config(drop_path=0.3, remat='none'):
 
 def test_forward_shapes_downsampling_and_drop_path():
   config = _small_config()
-  model = DualEncoder(config)
+  model = build_model(config)
   batch = tower_helpers.random_batch(config, 4)
   params = tower_helpers.random_params(model, batch)
   tower = params['image']
@@ -100,7 +99,7 @@ def test_gradcache_step_equals_full_batch_with_drop_path_and_remat():
   # One MBConv and one Transformer stage, both downsampling: half the program to compile.
   config.model.image.update(dict(depths=(1, 1), dims=(16, 32), block_types='CT',
                                  strides=(2, 2)))
-  model = DualEncoder(config)
+  model = build_model(config)
   batch = tower_helpers.random_batch(config, 8)
   params = tower_helpers.random_params(model, batch)
   encode_fn, loss_fn = train.make_encode_fn(model), train.make_loss_fn(config)

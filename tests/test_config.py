@@ -12,7 +12,8 @@ import config_helpers
 
 
 def _config(**overrides):
-  return config_helpers.tiny_config({k.replace('__', '.'): v for k, v in overrides.items()})
+  return config_helpers.tiny_config({k.replace('__', '.'): v for k, v in overrides.items()},
+                                    type_safe=False)
 
 
 def test_tiny_config_is_valid():

@@ -9,7 +9,7 @@ import pytest
 from basic import config_lib
 from basic import sharding
 from basic import train
-from basic.models import DualEncoder
+from basic.models import build as build_model
 
 PAPER_CONFIGS = ('basic_s', 'basic_m', 'basic_l', 'vit_b16', 'vit_l14')
 
@@ -21,7 +21,7 @@ def _config(name, arg=None):
 def _abstract_params(config, batch_size=1):
   """Parameter shapes of the config's DualEncoder, without allocating them."""
   batch = train.init_batch(config, batch_size)
-  model = DualEncoder(config)
+  model = build_model(config)
   return jax.eval_shape(lambda b: model.init(jax.random.key(0), b['image'], b['text']),
                         batch)['params']
 
@@ -67,7 +67,7 @@ def test_runlocal_configs_validate_and_build(name):
   config = config_lib.validate(_config(name, 'runlocal=True'))
   assert config.data.source == 'synthetic' and config.data.image_size == 32
   assert config.batch_size == 64 and config.batch_size // config.microbatch_size == 2
-  model = DualEncoder(config)
+  model = build_model(config)
   batch = train.init_batch(config, 2)
   params = _abstract_params(config, 2)   # Traced, not compiled: training it is test_train's job.
   image_emb, text_emb = jax.eval_shape(

@@ -29,6 +29,7 @@ from basic import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-a
 from basic import config_lib
 from basic.convert import open_clip as convert_lib
 from basic.models import DualEncoder
+from basic.models import build as build_model
 from basic.models import convnext
 from configs import convnext_xxlarge
 from configs import open_clip as open_clip_configs
@@ -117,7 +118,7 @@ def test_conv_mlp_trunk_gives_the_same_image_embeddings():
   config = open_clip_configs.clip_convnext(
       **{k: v for k, v in arch.items() if k != 'image_tower'})
   images = np.random.default_rng(5).normal(size=(3, 64, 64, 3)).astype(np.float32)
-  encode = jax.jit(lambda p, x: DualEncoder(config).apply({'params': p}, x,
+  encode = jax.jit(lambda p, x: build_model(config).apply({'params': p}, x,
                                                          method=DualEncoder.encode_image))
   got = encode(params, images)
   with torch.no_grad():
@@ -165,11 +166,12 @@ def test_open_clip_convnext_xxlarge_at_full_size():
   config = open_clip_configs.clip_convnext(
       **{k: v for k, v in arch.items() if k != 'image_tower'})
   config_lib.validate(config)
-  assert convnext.variant_spec(config.model.image) == convnext.variant_spec(
-      convnext_xxlarge.get_config().model.image)
+  spec = lambda image: convnext.variant_spec(image.variant, depths=image.depths,
+                                             dims=image.dims, norm_eps=image.norm_eps)
+  assert spec(config.model.image) == spec(convnext_xxlarge.get_config().model.image)
   images = jax.ShapeDtypeStruct((1, 256, 256, 3), np.float32)
   tokens = jax.ShapeDtypeStruct((1, 77), np.int32)
-  shapes = jax.eval_shape(DualEncoder(config).init, jax.random.key(0), images, tokens)['params']
+  shapes = jax.eval_shape(build_model(config).init, jax.random.key(0), images, tokens)['params']
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 1_200_576_385
   trunk = convert_lib._convnext(reader, arch)  # pylint: disable=protected-access
   assert jax.tree.map(np.shape, trunk) == jax.tree.map(lambda x: x.shape, shapes['image'])

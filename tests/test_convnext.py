@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
-import ml_collections
 import numpy as np
 import pytest
 
@@ -14,7 +13,7 @@ from basic import gradcache
 from basic import metric_writers
 from basic import sharding
 from basic import train
-from basic.models import DualEncoder
+from basic.models import build as build_model
 from basic.models import convnext
 from basic.models import text as text_lib
 from basic.plan import param_counts
@@ -28,7 +27,7 @@ def _count(tree):
 
 def _abstract_params(config, batch_size=1):
   batch = train.init_batch(config, batch_size)
-  model = DualEncoder(config)
+  model = build_model(config)
   return jax.eval_shape(lambda b: model.init(jax.random.key(0), b['image'], b['text']),
                         batch)['params']
 
@@ -92,7 +91,7 @@ def test_trunk_params_and_macs_match_timm(variant, params_m, size, gmacs):
   1000) is added: equal up to the rounding of the published count (+-0.005M). MACs of the
   convolutions and matrix products are within 2% of timm's GMACs (fvcore also counts norms).
   """
-  spec = convnext.variant_spec(ml_collections.ConfigDict({'variant': variant}))
+  spec = convnext.variant_spec(variant)
   model = convnext.ConvNeXt(**spec)
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   traced, shapes = jax.make_jaxpr(lambda x: model.init(jax.random.key(0), x),
@@ -104,7 +103,7 @@ def test_trunk_params_and_macs_match_timm(variant, params_m, size, gmacs):
 
 def _xla_gmacs(config, method, inputs):
   """XLA's compiled cost analysis of one tower forward at batch 1: flops / 2 (a MAC = 2 flops)."""
-  model = DualEncoder(config)
+  model = build_model(config)
   params = _xxlarge_params()
   compiled = jax.jit(lambda p, x: model.apply({'params': p}, x, method=method)).lower(
       params, inputs).compile()
@@ -167,7 +166,7 @@ def test_layer_scale_init_and_layernorm_head():
   x = jnp.zeros((1, 4, 4, 8))
   gamma = jax.jit(lambda k: block.init(k, x, True))(jax.random.key(0))['params']['gamma']
   np.testing.assert_array_equal(gamma, np.full((8,), 1e-6, np.float32))   # timm ls_init_value.
-  model = convnext.ConvNeXt(depths=(1, 1), dims=(8, 16))
+  model = convnext.ConvNeXt(depths=(1, 1), dims=(8, 16), norm_eps=1e-6)
   images = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype),
@@ -201,7 +200,7 @@ def test_text_argmax_pool_takes_the_highest_id():
 
 def test_forward_drop_path_uses_the_dropout_rng():
   config = _small_config(drop_path=0.5)
-  model = DualEncoder(config)
+  model = build_model(config)
   batch = tower_helpers.random_batch(config, 4)
   params = tower_helpers.random_params(model, batch)
   run = jax.jit(lambda p, rng: model.apply({'params': p}, batch['image'], batch['text'],
@@ -220,7 +219,7 @@ def _relative_error(a, b):
 
 def test_gradcache_step_equals_full_batch_with_drop_path_and_remat():
   config = _small_config(drop_path=0.1, remat='full')
-  model = DualEncoder(config)
+  model = build_model(config)
   batch = tower_helpers.random_batch(config, 8)
   params = tower_helpers.random_params(model, batch)
   encode_fn, loss_fn = train.make_encode_fn(model), train.make_loss_fn(config)

@@ -16,7 +16,7 @@ from basic.evaluate import metadata
 from basic.evaluate import ranking
 from basic.evaluate import run
 from basic.evaluate import tasks
-from basic.models import DualEncoder
+from basic.models import build as build_model
 import eval_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +107,7 @@ def test_zeroshot_task_matches_numpy_reference(setup, tmp_path):
       labels_subset=tasks.zeroshot_task(class_names='', subset=str(subset_file), **common),
       labels_first10=tasks.zeroshot_task(class_names='', max_examples=10, **common))
   config_lib.validate(config)
-  results = run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+  results = run.run_evaluators(config, build_model(config), loaded.params, loaded.tokenizer)
 
   readable = [n.replace('_', ' ') for n in names]             # ClassLabel names, as prompts.
   templates = metadata.templates('synthetic')
@@ -161,7 +161,7 @@ def test_data_errors_name_the_field(setup, overrides, message):
   task.update(overrides)
   config = _with_tasks(config, t=task)
   with pytest.raises(ValueError) as error:
-    run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+    run.run_evaluators(config, build_model(config), loaded.params, loaded.tokenizer)
   assert message in str(error.value)
 
 
@@ -207,17 +207,17 @@ def test_data_parallel_over_four_devices_matches_one(setup):
   task = dict(tfds_name=dataset, split='test', data_dir=data_dir, class_names='',
               templates='synthetic', batch_size=16)
   config = _with_tasks(config, labels=tasks.zeroshot_task(**task))
-  one = run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+  one = run.run_evaluators(config, build_model(config), loaded.params, loaded.tokenizer)
   code = (
       'import json, sys; sys.path.insert(0, "tests")\n'
       'from basic import inference\n'
       'from basic.evaluate import run, tasks\n'
-      'from basic.models import DualEncoder\n'
+      'from basic.models import build as build_model\n'
       f'loaded = inference.load({workdir!r})\n'
       'config = loaded.config\n'
       'config.eval.zeroshot = False\n'
       f'config.eval.tasks.labels = tasks.zeroshot_task(**{task!r})\n'
-      'results = run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)\n'
+      'results = run.run_evaluators(config, build_model(config), loaded.params, loaded.tokenizer)\n'
       'print("RESULTS", json.dumps(results))\n')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu')

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from basic.models import DualEncoder
+from basic.models import build as build_model
+from basic.models import temperature_from_params
 from basic.models import text as text_lib
 from basic.models import vit
 from configs import tiny
@@ -104,7 +105,7 @@ def test_text_causal_pooling(pool):
 
 def test_dual_encoder_tiny_config():
   config = tiny.get_config()
-  model = DualEncoder(config)
+  model = build_model(config)
   images = jnp.zeros((4, 32, 32, 3), jnp.uint8)
   tokens = jnp.ones((4, config.data.text_length), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0), images, tokens)['params']
@@ -112,7 +113,7 @@ def test_dual_encoder_tiny_config():
   assert zi.shape == zt.shape == (4, config.model.embed_dim)
   np.testing.assert_allclose(np.linalg.norm(zi, axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(zt, axis=-1), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(float(model.apply({'params': params}, method='temperature')),
+  np.testing.assert_allclose(float(temperature_from_params(params, config)),
                              config.model.temperature_init, rtol=1e-6)
   assert set(params) == {'image', 'text', 'image_proj', 'text_proj', 'log_temperature'}
   # The tiny default stays tiny: 0.43M parameters.
@@ -121,6 +122,5 @@ def test_dual_encoder_tiny_config():
 
 def test_temperature_clipped():
   config = tiny.get_config()
-  from basic.models import temperature_from_params
   t = temperature_from_params({'log_temperature': jnp.array(np.log(1e-4))}, config)
   np.testing.assert_allclose(float(t), config.model.temperature_min, rtol=1e-6)

@@ -15,7 +15,7 @@ from basic import metric_writers
 from basic import optim
 from basic import sharding
 from basic import train
-from basic.models import DualEncoder
+from basic.models import build as build_model
 from configs import tiny
 import cpu_devices
 
@@ -51,7 +51,7 @@ def _final_params(workdir):
   config = tiny.get_config()
   config.model.image.num_heads = config.model.text.num_heads = 4
   mesh = sharding.make_mesh({'data': 1, 'model': 1}, jax.devices()[:1])
-  model = DualEncoder(config)
+  model = build_model(config)
   tx, _ = optim.make_optimizer(config.optimizer, STEPS)
   abstract, shardings = train.abstract_train_state(config, model, tx, mesh)
   template = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

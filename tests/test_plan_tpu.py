@@ -17,7 +17,7 @@ from basic import metric_writers
 from basic import optim
 from basic import plan
 from basic import train
-from basic.models import DualEncoder
+from basic.models import build as build_model
 from configs import tiny
 import config_helpers
 
@@ -133,7 +133,7 @@ def _hand_forward(cfg, n):
 
 
 def _abstract(config):
-  model = DualEncoder(config)
+  model = build_model(config)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
   return model, jax.eval_shape(train.make_init_fn(config, model, tx)).params
 

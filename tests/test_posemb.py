@@ -51,7 +51,7 @@ def test_other_shape_changes_raise_naming_the_parameter():
 
 
 def _init(config):
-  model = dual_encoder.DualEncoder(config)
+  model = dual_encoder.build(config)
   size, length = config.data.image_size, config.data.text_length
   return model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8),
                     jnp.ones((1, length), jnp.int32))['params']

@@ -17,7 +17,7 @@ from basic import inference
 from basic.evaluate import retrieval
 from basic.evaluate import run
 from basic.evaluate import tasks
-from basic.models import DualEncoder
+from basic.models import build as build_model
 from launch import local as launch_local
 
 
@@ -90,7 +90,7 @@ def test_retrieval_task_matches_brute_force(setup):
       tfds_name=dataset, split='train', data_dir=data_dir, batch_size=16, max_examples=10,
       ks=(1,))
   config_lib.validate(config)
-  results = run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+  results = run.run_evaluators(config, build_model(config), loaded.params, loaded.tokenizer)
 
   n, k = data_helpers.NUM_EXAMPLES, data_helpers.NUM_CAPTIONS
   images, names = data_helpers.images_and_names(n)
@@ -101,7 +101,7 @@ def test_retrieval_task_matches_brute_force(setup):
   # Captions that tokenise alike share one embedding, as in the evaluator (here the digits are
   # unknown to the tokenizer: 18 distinct token sequences among the 72 captions).
   unique, inverse = np.unique(loaded.tokenizer.encode(captions), axis=0, return_inverse=True)
-  encode_text = jax.jit(lambda p, t: DualEncoder(config).apply({'params': p}, t,
+  encode_text = jax.jit(lambda p, t: build_model(config).apply({'params': p}, t,
                                                               method='encode_text'))
   text_emb = np.asarray(encode_text(loaded.params, unique))[inverse.reshape(-1)]
   i2t = brute_force_ranks(image_emb, text_emb, np.arange(n), owners)
@@ -126,10 +126,10 @@ def test_caption_key_errors_name_the_field(setup):
                                              data_dir=data_dir, caption_key='captions/txt')
   with pytest.raises(ValueError, match="config.eval.tasks.t.caption_key='captions/txt': no such "
                      'feature .*captions/text'):
-    run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+    run.run_evaluators(config, build_model(config), loaded.params, loaded.tokenizer)
   config.eval.tasks.t.caption_key = 'id'
   with pytest.raises(ValueError, match="caption_key='id': a Tensor feature, not Text"):
-    run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+    run.run_evaluators(config, build_model(config), loaded.params, loaded.tokenizer)
 
 
 # Runs every kind of evaluator (the synthetic held-out zero-shot, a TFDS zero-shot task, a TFDS
@@ -144,7 +144,7 @@ if args['coordinator']:
 import jax
 from basic import inference
 from basic.evaluate import run, tasks
-from basic.models import DualEncoder
+from basic.models import build as build_model
 loaded = inference.load(args['workdir'])
 config = loaded.config
 config.eval.zeroshot = True
@@ -154,7 +154,7 @@ config.eval.tasks.labels = tasks.zeroshot_task(
     templates='synthetic', batch_size=8)
 config.eval.tasks.captions = tasks.retrieval_task(
     tfds_name=args['captions'], data_dir=args['captions_dir'], split='train[:19]', batch_size=8)
-results = run.run_evaluators(config, DualEncoder(config), loaded.params, loaded.tokenizer)
+results = run.run_evaluators(config, build_model(config), loaded.params, loaded.tokenizer)
 print('RESULTS', jax.process_index(), jax.device_count(), json.dumps(results, sort_keys=True))
 '''
 

@@ -49,7 +49,8 @@ def _tower(kind, scan_layers, remat):
                                     causal=True, dropout=0.2, **common), \
         jnp.zeros((2, 8), jnp.int32)
   if kind == 'convnext':
-    return convnext.ConvNeXt(depths=(1, 3), dims=(8, 16), drop_path=0.4, **common), \
+    return convnext.ConvNeXt(depths=(1, 3), dims=(8, 16), norm_eps=1e-6, drop_path=0.4,
+                             **common), \
         jnp.zeros((2, 16, 16, 3))
   return coatnet.CoAtNet(stem_dim=8, depths=(2, 3), dims=(8, 16), block_types='CT',
                          head_dim=8, drop_path=0.4, **common), jnp.zeros((2, 16, 16, 3))
@@ -123,8 +124,8 @@ def test_layouts_convert_exactly_and_name_the_blocks():
   assert set(stacked_like['text']['encoder']) == {'block_scan', 'ln_final'}
   params = _random_like(plain)
   stacked = scan.to_layout(params, stacked_like)
-  np.testing.assert_array_equal(stacked['text']['encoder']['block_scan']['mlp']['Dense_0'][
-      'kernel'][2], params['text']['encoder']['block02']['mlp']['Dense_0']['kernel'])
+  np.testing.assert_array_equal(stacked['text']['encoder']['block_scan']['mlp']['fc1'][
+      'kernel'][2], params['text']['encoder']['block02']['mlp']['fc1']['kernel'])
   np.testing.assert_array_equal(stacked['image']['stage2_block_scan']['project']['kernel'][0],
                                 params['image']['stage2_block01']['project']['kernel'])
   for back in (scan.to_layout(stacked, plain), scan.unstack(stacked)):
@@ -281,12 +282,12 @@ def test_init_from_converts_the_checkpoint_layout(tmp_path, source_scan, target_
   (or unstacks) the blocks, exactly."""
   from basic import checkpoint as checkpoint_lib
   from basic import train
-  from basic.models import DualEncoder
+  from basic.models import build as build_model
 
   def state_of(scan_layers):
     config = tiny.get_config()
     config.model.image.scan_layers = config.model.text.scan_layers = scan_layers
-    model = DualEncoder(config)
+    model = build_model(config)
     tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     return config, train.create_train_state(config, model, tx, mesh)[0]

@@ -16,7 +16,7 @@ import pytest
 
 from basic import config_lib
 from basic import sharding
-from basic.models import DualEncoder
+from basic.models import build as build_model
 from configs import tiny
 import cpu_devices
 
@@ -32,7 +32,7 @@ ZERO_GRAD = re.compile(r'attn/key/bias$')
 
 
 def _abstract_params(config):
-  model = DualEncoder(config)
+  model = build_model(config)
   image = jnp.zeros((2, config.data.image_size, config.data.image_size, 3), jnp.uint8)
   text = jnp.zeros((2, config.data.text_length), jnp.int32)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), image, text)['params'])
@@ -66,13 +66,13 @@ def test_rules_first_match_wins_and_unmatched_replicated():
 def test_tiny_rules_unmatched_and_fsdp():
   config = tiny.get_config()
   params = _abstract_params(config)
-  assert sharding.unmatched_params(params, config.sharding.rules, 2**12) == [
-      'image/embedding/kernel', 'image_proj/kernel', 'text_proj/kernel']
+  # The towers' rules (basic.models.sharding_rules) cover every parameter of >= 2^12 elements.
+  assert sharding.unmatched_params(params, config.sharding.rules, 2**12) == []
   specs = sharding.param_partition_specs(params, config.sharding.rules, _abstract_mesh(4, 1),
                                          fsdp=True, fsdp_min_size=2**13)
   block = specs['text']['encoder']['block00']
   # Largest unsharded dimension divisible by data=4 gets 'data'; small params stay replicated.
-  assert block['mlp']['Dense_0']['kernel'] == jax.sharding.PartitionSpec('data', 'model')
+  assert block['mlp']['fc1']['kernel'] == jax.sharding.PartitionSpec('data', 'model')
   assert block['attn']['query']['kernel'] == jax.sharding.PartitionSpec('data', 'model', None)
   assert block['ln_mlp']['scale'] == jax.sharding.PartitionSpec()
   assert specs['text']['token_embedding']['embedding'] == jax.sharding.PartitionSpec(
@@ -96,13 +96,13 @@ def test_optimizer_state_follows_params():
   config = tiny.get_config()
   config.model.image.num_heads = config.model.text.num_heads = 4
   from basic import optim, train  # pylint: disable=g-import-not-at-top
-  model = DualEncoder(config)
+  model = build_model(config)
   tx, _ = optim.make_optimizer(config.optimizer, 10)
   abstract, _ = train.abstract_train_state(config, model, tx, _mesh(1, 1))
   config.mesh.data, config.mesh.model = 2, 2
   shardings = sharding.state_shardings(abstract, _abstract_mesh(2, 2), config)
   adam = shardings.opt_state[1][0]
-  kernel = ('text', 'encoder', 'block01', 'mlp', 'Dense_1', 'kernel')
+  kernel = ('text', 'encoder', 'block01', 'mlp', 'fc2', 'kernel')
   get = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]][kernel[3]][kernel[4]][kernel[5]]
   assert get(shardings.params).spec == jax.sharding.PartitionSpec('model', None)
   assert get(adam.mu).spec == get(adam.nu).spec == jax.sharding.PartitionSpec('model', None)
@@ -112,7 +112,7 @@ def test_optimizer_state_follows_params():
 
 def test_config_validation_of_sharding_fields():
   config = tiny.get_config()
-  config.sharding.rules = (('mlp/Dense_0/kernel$', (None, 'tensor')),)
+  config.sharding.rules = (('mlp/fc1/kernel$', (None, 'tensor')),)
   with pytest.raises(config_lib.ConfigError, match=r'config.sharding.rules\[0\]'):
     config_lib.validate(config)
   config = tiny.get_config()
@@ -130,7 +130,7 @@ def test_remat_policies_give_the_same_gradients():
     for tower in ('image', 'text'):
       config.model[tower].update(remat=remat, dropout=0.1, depth=2, width=32, num_heads=2,
                                  mlp_dim=64)
-    return DualEncoder(config)
+    return build_model(config)
 
   rng = np.random.default_rng(0)
   image = jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3)), jnp.uint8)

@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from basic import config_defaults
 from basic import tokenizer as tokenizer_lib
 from basic.data.synthetic import ShapesDataset
 
@@ -105,7 +106,7 @@ def _config(**tokenizer):
   config.tokenizer = dict(model_path='', train_sentences=3000, lowercase=True)
   config.tokenizer.update(tokenizer)
   config.model = dict(text=dict(vocab_size=128))
-  return config
+  return config_defaults.fill(config)   # The other fields at their defaults.
 
 
 def test_ensure_tokenizer_trains_once_and_caches(tmp_path):

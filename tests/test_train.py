@@ -15,7 +15,7 @@ from basic import metric_writers
 from basic import optim
 from basic import sharding
 from basic import train
-from basic.models import DualEncoder
+from basic.models import build as build_model
 import config_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def test_loss_decreases_on_fixed_batch():
   config = small_config()
   config.optimizer.warmup_steps = 0
   config.optimizer.learning_rate = 1e-3
-  model = DualEncoder(config)
+  model = build_model(config)
   tx, schedule = optim.make_optimizer(config.optimizer, 100)
   state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
   step = jax.jit(train.make_train_step(config, model, tx, schedule))
@@ -100,7 +100,7 @@ def _params_after(config, steps):
   """Parameters after `steps` train steps on the pipeline's first batches."""
   from basic import tokenizer as tokenizer_lib
   from basic.data import pipeline
-  model = DualEncoder(config)
+  model = build_model(config)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
   state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
   step = jax.jit(train.make_train_step(config, model, tx, schedule))
@@ -120,7 +120,7 @@ def _raw_gradients(config):
   from basic import gradcache
   from basic import tokenizer as tokenizer_lib
   from basic.data import pipeline
-  model = DualEncoder(config)
+  model = build_model(config)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
   state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
   tokenizer = tokenizer_lib.Tokenizer.from_config(

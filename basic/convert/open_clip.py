@@ -33,7 +33,7 @@ out]):
   *.transformer.resblocks.i.ln_1 / ln_2        -> */encoder/block{i:02d}/ln_attn / ln_mlp
   *.attn.in_proj_weight [3W, W] (q; k; v)      -> .../attn/{query,key,value}/kernel [W, H, W/H]
   *.attn.out_proj.weight [W, W]                -> .../attn/out/kernel [H, W/H, W]
-  *.mlp.c_fc / c_proj                          -> .../mlp/Dense_0 / Dense_1
+  *.mlp.c_fc / c_proj                          -> .../mlp/fc1 / fc2
   visual.ln_post, ln_final                     -> image/encoder/ln_final, text/encoder/ln_final
   visual.proj [W, E], text_projection [Wt, E]  -> image_proj/kernel, text_proj/kernel
   token_embedding.weight, positional_embedding -> text/token_embedding, text/pos_embedding
@@ -77,8 +77,8 @@ import jax
 import numpy as np
 
 from basic import checkpoint as checkpoint_lib
+from basic import models
 from basic import tokenizer as tokenizer_lib
-from basic.models import DualEncoder
 from basic.models import convnext
 from basic.models import scan as scan_lib
 
@@ -468,8 +468,8 @@ def _encoder(r: _Reader, prefix: str, depth: int, width: int, heads: int, mlp_di
     out[f'block{i:02d}'] = {
         'ln_attn': _layer_norm(r, f'{p}.ln_1', width), 'attn': attn,
         'ln_mlp': _layer_norm(r, f'{p}.ln_2', width),
-        'mlp': {'Dense_0': _dense(r, f'{p}.mlp.c_fc', width, mlp_dim),
-                'Dense_1': _dense(r, f'{p}.mlp.c_proj', mlp_dim, width)}}
+        'mlp': {'fc1': _dense(r, f'{p}.mlp.c_fc', width, mlp_dim),
+                'fc2': _dense(r, f'{p}.mlp.c_proj', mlp_dim, width)}}
   out['ln_final'] = _layer_norm(r, final_norm, width)
   return out
 
@@ -569,7 +569,7 @@ def _check_against_model(params: dict, config):
   size = config.data.image_size
   images = jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
   tokens = jax.ShapeDtypeStruct((1, config.data.text_length), np.int32)
-  want = jax.eval_shape(DualEncoder(config).init, jax.random.key(0), images, tokens)['params']
+  want = jax.eval_shape(models.build(config).init, jax.random.key(0), images, tokens)['params']
   flat = lambda t: {jax.tree_util.keystr(k): tuple(v.shape)
                     for k, v in jax.tree_util.tree_leaves_with_path(t)}
   got, want = flat(params), flat(want)

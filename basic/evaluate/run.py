@@ -18,6 +18,7 @@ import jax
 from basic import config_lib
 from basic import inference
 from basic import metric_writers
+from basic import models
 from basic import sharding
 from basic import tokenizer as tokenizer_lib
 from basic.data import pipeline
@@ -25,7 +26,6 @@ from basic.data import tf_setup
 from basic.evaluate import encoders as encoders_lib
 from basic.evaluate import retrieval
 from basic.evaluate import zeroshot
-from basic.models import DualEncoder
 
 # create_writer(start_step=S) drops rows of steps > S from an existing metrics.jsonl (resume);
 # evaluation keeps every row.
@@ -139,7 +139,7 @@ def evaluate_checkpoint(checkpoint: str, *, config=None, workdir: Optional[str] 
                       num_data_devices=mesh.shape[sharding.DATA_AXIS])
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, loaded.tokenizer.model_path,
                                            config.data.text_length)
-  results = run_evaluators(config, DualEncoder(config), loaded.params, tokenizer,
+  results = run_evaluators(config, models.build(config), loaded.params, tokenizer,
                            step=loaded.step, mesh=mesh)
   if workdir is not None and results:
     writer = metric_writers.create_writer(workdir, start_step=_KEEP_ALL_ROWS,

@@ -77,23 +77,26 @@ VARIANTS = {
 BLOCK_TYPES = ('C', 'T')
 
 
-def variant_spec(cfg):
-  """`config.model.image` -> dict(stem_dim, depths, dims, block_types, strides, head_dim).
+_SIZES = ('stem_dim', 'depths', 'dims', 'block_types', 'strides', 'head_dim')
 
-  `cfg.variant` names a row of VARIANTS; `variant=''` reads the explicit fields of the same
-  names from `cfg` instead (for small test models).
+
+def variant_spec(variant: str = '', **sizes) -> dict:
+  """-> dict(stem_dim, depths, dims, block_types, strides, head_dim).
+
+  `variant` names a row of VARIANTS; '' reads the explicit `sizes` of the same names instead
+  (small test models; strides () = 2 at every stage).
   """
-  variant = cfg.get('variant', '')
   if variant:
     if variant not in VARIANTS:
-      raise ValueError(f'config.model.image.variant={variant!r}: one of {sorted(VARIANTS)} '
-                       'or "" (explicit stem_dim, depths, dims, block_types, strides, head_dim).')
+      raise ValueError(f'CoAtNet variant {variant!r}: one of {sorted(VARIANTS)} or "" (explicit '
+                       'stem_dim, depths, dims, block_types, strides, head_dim).')
     stem_dim, depths, dims, block_types, strides, head_dim = VARIANTS[variant]
   else:
-    stem_dim, depths, dims = cfg.stem_dim, tuple(cfg.depths), tuple(cfg.dims)
-    block_types, strides, head_dim = cfg.block_types, tuple(cfg.strides), cfg.head_dim
-  return dict(stem_dim=stem_dim, depths=tuple(depths), dims=tuple(dims),
-              block_types=''.join(block_types), strides=tuple(strides), head_dim=head_dim)
+    stem_dim, depths, dims = sizes.get('stem_dim', 0), sizes.get('depths'), sizes.get('dims')
+    block_types, head_dim = sizes.get('block_types'), sizes.get('head_dim', 0)
+    strides = sizes.get('strides') or (2,) * len(depths or ())
+  return dict(stem_dim=stem_dim, depths=tuple(depths or ()), dims=tuple(dims or ()),
+              block_types=''.join(block_types or ''), strides=tuple(strides), head_dim=head_dim)
 
 
 def relative_position_index(height: int, width: int) -> np.ndarray:
@@ -257,12 +260,13 @@ class CoAtNet(nn.Module):
 
   H and W must be multiples of 2 ** (1 + number of stride-2 stages) (32 for CoAtNet-0..7).
   """
-  stem_dim: int
-  depths: Sequence[int]
-  dims: Sequence[int]
-  block_types: str = 'CCTT'
-  strides: Optional[Sequence[int]] = None   # Per stage; None = all 2.
-  head_dim: int = 32
+  variant: str = ''          # 'coatnet-0'.. (VARIANTS); '' = the explicit sizes below, which
+  stem_dim: int = 0          # are 0 / () / '' (unset) with a variant (`variant_spec`).
+  depths: Sequence[int] = ()
+  dims: Sequence[int] = ()
+  block_types: str = ''      # Per stage: 'C' (MBConv) or 'T' (Transformer).
+  strides: Sequence[int] = ()   # Per stage; () = all 2.
+  head_dim: int = 0
   expansion: int = 4
   se_ratio: float = 0.25
   drop_path: float = 0.0
@@ -272,21 +276,24 @@ class CoAtNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    strides = tuple(self.strides or (2,) * len(self.depths))
-    if not len(self.depths) == len(self.dims) == len(self.block_types) == len(strides):
-      raise ValueError(f'CoAtNet: depths {self.depths}, dims {self.dims}, block_types '
-                       f'{self.block_types!r} and strides {strides} must have equal lengths.')
-    x = nn.Conv(self.stem_dim, (3, 3), strides=2, padding='SAME', use_bias=False,
+    spec = variant_spec(self.variant, **{k: getattr(self, k) for k in _SIZES})
+    depths, dims, block_types, strides = (spec['depths'], spec['dims'], spec['block_types'],
+                                          spec['strides'])
+    if not len(depths) == len(dims) == len(block_types) == len(strides):
+      raise ValueError(f'CoAtNet: depths {depths}, dims {dims}, block_types {block_types!r} and '
+                       f'strides {strides} must have equal lengths.')
+    x = nn.Conv(spec['stem_dim'], (3, 3), strides=2, padding='SAME', use_bias=False,
                 dtype=self.dtype, name='stem_conv1')(images)
     x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name='stem_ln')(x))
-    x = nn.Conv(self.stem_dim, (3, 3), padding='SAME', dtype=self.dtype, name='stem_conv2')(x)
+    x = nn.Conv(spec['stem_dim'], (3, 3), padding='SAME', dtype=self.dtype,
+                name='stem_conv2')(x)
+    head_dim = spec['head_dim']
 
-    total = sum(self.depths)
+    total = sum(depths)
     rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]  # 0 at the first.
     rng = self.make_rng('dropout') if train and self.drop_path > 0 else None
     index = 0
-    for s, (depth, dim, kind, stride) in enumerate(
-        zip(self.depths, self.dims, self.block_types, strides)):
+    for s, (depth, dim, kind, stride) in enumerate(zip(depths, dims, block_types, strides)):
       if kind not in BLOCK_TYPES:
         raise ValueError(f'CoAtNet block type {kind!r}: one of {BLOCK_TYPES}.')
 
@@ -296,7 +303,7 @@ class CoAtNet(nn.Module):
           return _remat(MBConvBlock, self.remat, prevent_cse)(
               dim, block_stride, self.expansion, self.se_ratio, rate, self.dtype, name=name)
         return _remat(TransformerBlock, self.remat, prevent_cse)(
-            dim, self.head_dim, block_stride, self.expansion, rate, self.dtype, name=name)
+            dim, head_dim, block_stride, self.expansion, rate, self.dtype, name=name)
 
       prefix = f'stage{s + 1}_block'
       unscanned = min(depth, 1) if self.scan_layers else depth
@@ -315,3 +322,73 @@ class CoAtNet(nn.Module):
         index += n
     x = x.mean(axis=(1, 2))
     return nn.LayerNorm(dtype=self.dtype, name='ln_final')(x)
+
+
+Model = CoAtNet
+
+# Rules on paths inside the tower (basic.models), Megatron-style over 'model'. Transformer
+# blocks: heads and MLP hidden units; MBConv blocks: the expanded channels.
+SHARDING_RULES = (
+    (r'attn/qkv/kernel$', (None, None, 'model', None)),   # [Cin, 3, heads, head_dim]
+    (r'attn/qkv/bias$', (None, 'model', None)),           # [3, heads, head_dim]
+    (r'attn/out/kernel$', ('model', None, None)),         # [heads, head_dim, D]
+    (r'attn/relative_bias$', (None, 'model')),            # [(2H-1)(2W-1), heads]
+    (r'mlp_in/kernel$', (None, 'model')),                 # [D, 4D]
+    (r'mlp_in/bias$', ('model',)),                        # [4D]
+    (r'mlp_out/kernel$', ('model', None)),                # [4D, D]
+    (r'/expand/kernel$', (None, None, None, 'model')),    # [1, 1, C, 4C] (not se_expand)
+    (r'ln_expand/(scale|bias)$', ('model',)),             # [4C]
+    (r'depthwise/kernel$', (None, None, None, 'model')),  # [3, 3, 1, 4C]
+    (r'ln_depthwise/(scale|bias)$', ('model',)),          # [4C]
+    (r'se_reduce/kernel$', ('model', None)),              # [4C, C]
+    (r'se_expand/kernel$', (None, 'model')),              # [C, 4C]
+    (r'se_expand/bias$', ('model',)),                     # [4C]
+    (r'project/kernel$', (None, None, 'model', None)),    # [1, 1, 4C, D]
+    (r'shortcut_proj/kernel$', (None, 'model')),          # [Cin, D]
+    (r'^stem_conv\d/kernel$', (None, None, None, 'model')),  # [3, 3, Cin, D0]
+)
+
+
+def validate(config, field: str = 'model.image'):
+  """config.<field> of a CoAtNet (see basic.models): a named variant or explicit stage fields."""
+  from basic import config_lib  # pylint: disable=g-import-not-at-top  (config_lib reads models)
+  cfg = config_lib.get_field(config, field)
+  variant = config_lib.check_str(config, f'{field}.variant')
+  if variant:
+    config_lib.check_choice(config, f'{field}.variant', tuple(VARIANTS))
+    for key in _SIZES:
+      if cfg[key]:
+        config_lib.fail(f'{field}.{key}', cfg[key], f'must be unset (0, () or \'\') with '
+                        f'{field}.variant={variant!r}: set either the variant or the sizes.')
+  else:
+    config_lib.check_int(config, f'{field}.stem_dim', 1)
+    config_lib.check_int(config, f'{field}.head_dim', 1)
+    n = len(config_lib.get_field(config, f'{field}.depths'))
+    for key in ('depths', 'dims', 'block_types') + (('strides',) if cfg.strides else ()):
+      value = cfg[key]
+      if len(value) != n or not n:
+        config_lib.fail(f'{field}.{key}', value,
+                        f'must have one entry per stage, as {field}.depths ({n}).')
+    for key in ('depths', 'dims'):
+      if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in cfg[key]):
+        config_lib.fail(f'{field}.{key}', cfg[key], 'entries must be integers >= 1.')
+    if any(t not in BLOCK_TYPES for t in cfg.block_types):
+      config_lib.fail(f'{field}.block_types', cfg.block_types,
+                      f'entries must be one of {list(BLOCK_TYPES)}.')
+    if any(s not in (1, 2) for s in cfg.strides):
+      config_lib.fail(f'{field}.strides', cfg.strides, 'entries must be 1 or 2.')
+    for dim, kind in zip(cfg.dims, cfg.block_types):
+      if kind == 'T' and dim % cfg.head_dim:
+        config_lib.fail(f'{field}.head_dim', cfg.head_dim,
+                        f'must divide the Transformer stage widths in {field}.dims={cfg.dims}.')
+  spec = variant_spec(variant, **{k: cfg[k] for k in _SIZES})
+  reduction = 2 ** (1 + sum(s == 2 for s in spec['strides']))
+  image_size = config.data.image_size
+  if image_size % reduction:
+    config_lib.fail('data.image_size', image_size,
+                    f'must be a multiple of {reduction} (the CoAtNet stem and stride-2 stages).')
+  transformer.check_rate(config, f'{field}.drop_path')
+  config_lib.check_choice(config, f'{field}.remat', tuple(transformer.REMAT_POLICIES))
+  config_lib.check_int(config, f'{field}.expansion', 1)
+  config_lib.check_positive(config, f'{field}.se_ratio')
+  config_lib.check_bool(config, f'{field}.scan_layers')

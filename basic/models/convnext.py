@@ -59,21 +59,25 @@ VARIANTS = {
 }
 
 
-def variant_spec(cfg):
-  """`config.model.image` -> dict(depths, dims, norm_eps).
+_SIZES = ('depths', 'dims', 'norm_eps')
 
-  `cfg.variant` names a row of VARIANTS; `variant=''` reads the explicit fields `depths`, `dims`
-  and `norm_eps` from `cfg` instead (for small test models).
+
+def variant_spec(variant: str = '', **sizes) -> dict:
+  """-> dict(depths, dims, norm_eps).
+
+  `variant` names a row of VARIANTS; '' reads the explicit `sizes` depths, dims and norm_eps
+  instead (small test models).
   """
-  variant = cfg.get('variant', '')
   if variant:
     if variant not in VARIANTS:
-      raise ValueError(f'config.model.image.variant={variant!r}: one of {sorted(VARIANTS)} '
-                       'or "" (explicit depths, dims, norm_eps).')
+      raise ValueError(f'ConvNeXt variant {variant!r}: one of {sorted(VARIANTS)} or "" '
+                       '(explicit depths, dims, norm_eps).')
     depths, dims, norm_eps = VARIANTS[variant]
   else:
-    depths, dims, norm_eps = tuple(cfg.depths), tuple(cfg.dims), cfg.norm_eps
-  return dict(depths=tuple(depths), dims=tuple(dims), norm_eps=norm_eps)
+    depths, dims, norm_eps = sizes.get('depths'), sizes.get('dims'), sizes.get('norm_eps', 0.0)
+    if not norm_eps:
+      raise ValueError('ConvNeXt without a variant needs norm_eps > 0 (timm: 1e-6).')
+  return dict(depths=tuple(depths or ()), dims=tuple(dims or ()), norm_eps=norm_eps)
 
 
 def drop_path_rates(drop_path: float, depths: Sequence[int]):
@@ -114,9 +118,10 @@ class ConvNeXt(nn.Module):
 
   H and W must be multiples of patch_size * 2 ** (len(depths) - 1) (32 for the 4-stage sizes).
   """
-  depths: Sequence[int]
-  dims: Sequence[int]
-  norm_eps: float = 1e-6
+  variant: str = ''          # 'convnext_base'.. (VARIANTS); '' = the explicit sizes below,
+  depths: Sequence[int] = ()  # which are () / 0 (unset) with a variant (`variant_spec`).
+  dims: Sequence[int] = ()
+  norm_eps: float = 0.0      # Every LayerNorm's epsilon (timm: 1e-6; convnext_xxlarge 1e-5).
   patch_size: int = 4            # timm ConvNeXt(patch_size=4): 4x4 stride-4 patch stem.
   kernel_size: int = 7           # timm ConvNeXt(kernel_sizes=7): depthwise 7x7.
   mlp_ratio: int = 4             # timm ConvNeXtBlock(mlp_ratio=4).
@@ -128,30 +133,31 @@ class ConvNeXt(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    if len(self.depths) != len(self.dims):
-      raise ValueError(f'ConvNeXt: depths {self.depths} and dims {self.dims} must have equal '
-                       'lengths.')
+    spec = variant_spec(self.variant, depths=self.depths, dims=self.dims,
+                        norm_eps=self.norm_eps)
+    depths, dims, eps = spec['depths'], spec['dims'], spec['norm_eps']
+    if len(depths) != len(dims):
+      raise ValueError(f'ConvNeXt: depths {depths} and dims {dims} must have equal lengths.')
     init = nn.initializers.truncated_normal(0.02)
     p = self.patch_size
-    x = nn.Conv(self.dims[0], (p, p), strides=(p, p), padding='VALID', kernel_init=init,
+    x = nn.Conv(dims[0], (p, p), strides=(p, p), padding='VALID', kernel_init=init,
                 dtype=self.dtype, name='stem_conv')(images)
-    x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='stem_norm')(x)
+    x = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name='stem_norm')(x)
     block_cls = transformer.maybe_remat(ConvNeXtBlock, self.remat, static_argnums=(2,))
     scanned_cls = transformer.maybe_remat(ConvNeXtBlock, self.remat, static_argnums=(2,),
                                           prevent_cse=False)
-    rates = drop_path_rates(self.drop_path, self.depths)
+    rates = drop_path_rates(self.drop_path, depths)
     rng = self.make_rng('dropout') if train and self.drop_path > 0 else None
     index = 0
-    for s, (depth, dim) in enumerate(zip(self.depths, self.dims)):
+    for s, (depth, dim) in enumerate(zip(depths, dims)):
       if s > 0:
-        x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype,
-                         name=f'stage{s}_downsample_norm')(x)
+        x = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name=f'stage{s}_downsample_norm')(x)
         x = nn.Conv(dim, (2, 2), strides=(2, 2), padding='VALID', kernel_init=init,
                     dtype=self.dtype, name=f'stage{s}_downsample_conv')(x)
       prefix = f'stage{s}_block'
       unscanned = min(depth, 1) if self.scan_layers else depth
       for i in range(unscanned):
-        x = block_cls(self.kernel_size, self.mlp_ratio, self.layer_scale_init, self.norm_eps,
+        x = block_cls(self.kernel_size, self.mlp_ratio, self.layer_scale_init, eps,
                       rates[index], self.dtype, name=scan_lib.block_name(prefix, i))(
                           x, not train, scan_lib.layer_rng(rng, index))
         index += 1
@@ -160,9 +166,61 @@ class ConvNeXt(nn.Module):
         stage_rates = (None if self.drop_path == 0 else
                        jnp.asarray(rates[index:index + n], jnp.float32))
         block = scanned_cls(self.kernel_size, self.mlp_ratio, self.layer_scale_init,
-                            self.norm_eps, 0.0, self.dtype, name=scan_lib.scan_name(prefix))
+                            eps, 0.0, self.dtype, name=scan_lib.scan_name(prefix))
         x = scan_lib.scan_blocks(block, x, (scan_lib.layer_rngs(rng, index, n), stage_rates), n,
                                  lambda mdl, y, xs: mdl(y, not train, *xs))
         index += n
     x = x.mean(axis=(1, 2))
-    return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='head_norm')(x)
+    return nn.LayerNorm(epsilon=eps, dtype=self.dtype, name='head_norm')(x)
+
+
+Model = ConvNeXt
+
+# Rules on paths inside the tower (basic.models), Megatron-style over 'model': the MLP hidden
+# channels are split (fc1 column-parallel, fc2 and the downsampling convs row-parallel, one
+# all-reduce each); depthwise and stem kernels act on replicated activations and are stated
+# replicated (at most 150,528 elements: under fsdp_min_size, so FSDP leaves them whole too).
+SHARDING_RULES = (
+    (r'mlp_fc1/kernel$', (None, 'model')),                        # [C, 4C]
+    (r'mlp_fc1/bias$', ('model',)),                               # [4C]
+    (r'mlp_fc2/kernel$', ('model', None)),                        # [4C, C]
+    (r'downsample_conv/kernel$', (None, None, 'model', None)),    # [2, 2, Cin, Cout]
+    (r'conv_dw/kernel$', (None, None, None, None)),               # [7, 7, 1, C]
+    (r'^stem_conv/kernel$', (None, None, None, None)),            # [4, 4, 3, C0]
+)
+
+
+def validate(config, field: str = 'model.image'):
+  """config.<field> of a ConvNeXt (see basic.models): a named timm size or explicit depths /
+  dims / norm_eps."""
+  from basic import config_lib  # pylint: disable=g-import-not-at-top  (config_lib reads models)
+  cfg = config_lib.get_field(config, field)
+  variant = config_lib.check_str(config, f'{field}.variant')
+  if variant:
+    config_lib.check_choice(config, f'{field}.variant', tuple(VARIANTS))
+    for key in _SIZES:
+      if cfg[key]:
+        config_lib.fail(f'{field}.{key}', cfg[key], f'must be unset (() or 0) with '
+                        f'{field}.variant={variant!r}: set either the variant or the sizes.')
+  else:
+    n = len(config_lib.get_field(config, f'{field}.depths'))
+    if not n or len(cfg.dims) != n:
+      config_lib.fail(f'{field}.dims', cfg.dims,
+                      f'must have one entry per stage, as {field}.depths ({n}).')
+    for key in ('depths', 'dims'):
+      if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in cfg[key]):
+        config_lib.fail(f'{field}.{key}', cfg[key], 'entries must be integers >= 1.')
+    config_lib.check_positive(config, f'{field}.norm_eps')
+  spec = variant_spec(variant, **{k: cfg[k] for k in _SIZES})
+  for key in ('patch_size', 'kernel_size', 'mlp_ratio'):
+    config_lib.check_int(config, f'{field}.{key}', 1)
+  reduction = cfg.patch_size * 2 ** (len(spec['depths']) - 1)
+  image_size = config.data.image_size
+  if image_size % reduction:
+    config_lib.fail('data.image_size', image_size,
+                    f'must be a multiple of {reduction} (the ConvNeXt stem and downsampling '
+                    'stages).')
+  config_lib.check_positive(config, f'{field}.layer_scale_init')
+  transformer.check_rate(config, f'{field}.drop_path')
+  config_lib.check_choice(config, f'{field}.remat', tuple(transformer.REMAT_POLICIES))
+  config_lib.check_bool(config, f'{field}.scan_layers')

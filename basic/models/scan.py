@@ -184,12 +184,12 @@ def _to_layout(params, like, where):
 
 
 def abstract_params(config) -> dict:
-  """Parameter shapes of `DualEncoder(config)` (jax.eval_shape; nothing is allocated)."""
+  """Parameter shapes of `basic.models.build(config)` (jax.eval_shape; nothing is allocated)."""
   from basic.models import dual_encoder  # pylint: disable=g-import-not-at-top
   size = config.data.image_size
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, config.data.text_length), jnp.int32)
-  return jax.eval_shape(dual_encoder.DualEncoder(config).init, jax.random.key(0), images,
+  return jax.eval_shape(dual_encoder.build(config).init, jax.random.key(0), images,
                         tokens)['params']
 
 

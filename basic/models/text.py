@@ -69,3 +69,24 @@ class TextTransformer(nn.Module):
       eot = jnp.argmax(tokens, axis=1)                                      # [B]
       return jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     raise ValueError(f'Unknown text pool {self.pool!r}.')
+
+
+Model = TextTransformer
+
+# Rules on paths inside the tower (basic.models): the Encoder's, plus the vocabulary split over
+# 'model' and the position embedding's width.
+SHARDING_RULES = transformer.SHARDING_RULES + (
+    (r'^token_embedding/embedding$', ('model', None)),     # [vocab, D]
+    (r'^pos_embedding$', (None, None, 'model')),           # [1, L, D]
+)
+POOLS = ('mean', 'eos', 'first', 'argmax')
+MIN_VOCAB = 8   # The tokenizers' special ids fit.
+
+
+def validate(config, field: str = 'model.text'):
+  """config.<field> of a TextTransformer (see basic.models)."""
+  from basic import config_lib  # pylint: disable=g-import-not-at-top  (config_lib reads models)
+  config_lib.check_int(config, f'{field}.vocab_size', MIN_VOCAB)
+  transformer.validate_encoder(config, field, POOLS)
+  config_lib.check_bool(config, f'{field}.causal')
+  config_lib.check_bool(config, f'{field}.mask_padding')

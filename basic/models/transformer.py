@@ -10,7 +10,7 @@ Options whose defaults keep the original numerics (and every existing config unc
 what `flax.linen.gelu` computes by default) and the LayerNorm `norm_eps` (default 1e-6, flax's).
 OpenCLIP's non-OpenAI text towers use 'gelu' (exact, erf) and eps 1e-5 (torch's default).
 """
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,6 +36,47 @@ ACTIVATIONS = {
 }
 DEFAULT_ACTIVATION = 'gelu_tanh'
 DEFAULT_NORM_EPS = 1e-6   # flax.linen.LayerNorm's default epsilon.
+
+# Sharding of an Encoder's blocks (rules on paths inside a tower, see basic.models): Megatron-style
+# over 'model', attention heads and the MLP hidden units split, so each block needs one
+# all-reduce after attention and one after the MLP.
+SHARDING_RULES = (
+    (r'attn/(query|key|value)/kernel$', (None, 'model', None)),   # [D, heads, D/heads]
+    (r'attn/(query|key|value)/bias$', ('model', None)),           # [heads, D/heads]
+    (r'attn/out/kernel$', ('model', None, None)),                 # [heads, D/heads, D]
+    (r'mlp/fc1/kernel$', (None, 'model')),                        # [D, mlp_dim]
+    (r'mlp/fc1/bias$', ('model',)),                               # [mlp_dim]
+    (r'mlp/fc2/kernel$', ('model', None)),                        # [mlp_dim, D]
+)
+
+
+def check_rate(config, field: str):
+  """config.<field> is a number in [0, 1) (a dropout or drop-path rate); ConfigError naming it."""
+  from basic import config_lib  # pylint: disable=g-import-not-at-top  (config_lib reads models)
+  value = config_lib.get_field(config, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+    config_lib.fail(field, value, 'must be in [0, 1).')
+  return value
+
+
+def validate_encoder(config, field: str, pools: Sequence[str], *, sizes: bool = True):
+  """The Encoder fields of the tower config at config.<field> (ViT and text towers): with
+  `sizes`, width, num_heads (dividing width), depth and mlp_dim (False: a variant's); pool (one
+  of `pools`), dropout, remat, activation, norm_eps, scan_layers."""
+  from basic import config_lib  # pylint: disable=g-import-not-at-top
+  if sizes:
+    width = config_lib.check_int(config, f'{field}.width', 1)
+    heads = config_lib.check_int(config, f'{field}.num_heads', 1)
+    if width % heads:
+      config_lib.fail(f'{field}.num_heads', heads, f'must divide {field}.width={width}.')
+    config_lib.check_int(config, f'{field}.depth', 1)
+    config_lib.check_int(config, f'{field}.mlp_dim', 1)
+  config_lib.check_choice(config, f'{field}.pool', tuple(pools))
+  config_lib.check_choice(config, f'{field}.remat', tuple(REMAT_POLICIES))
+  check_rate(config, f'{field}.dropout')
+  config_lib.check_choice(config, f'{field}.activation', tuple(ACTIVATIONS))
+  config_lib.check_positive(config, f'{field}.norm_eps')
+  config_lib.check_bool(config, f'{field}.scan_layers')
 
 
 def maybe_remat(block_cls, policy_name: str, static_argnums=(3,), prevent_cse: bool = True):
@@ -63,7 +104,7 @@ def activation_fn(name: str):
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> activation -> Dropout -> Dense(D). [B, T, D] -> [B, T, D]."""
+  """fc1: Dense(mlp_dim) -> activation -> Dropout -> fc2: Dense(D). [B, T, D] -> [B, T, D]."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
@@ -75,11 +116,11 @@ class MlpBlock(nn.Module):
     width = x.shape[-1]
     init = nn.initializers.xavier_uniform()
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=init,
-                 bias_init=nn.initializers.normal(stddev=1e-6))(x)
+                 bias_init=nn.initializers.normal(stddev=1e-6), name='fc1')(x)
     x = activation_fn(self.activation)(x)
     x = nn.Dropout(self.dropout)(x, deterministic, rng=rng)
     return nn.Dense(width, dtype=self.dtype, kernel_init=init,
-                    bias_init=nn.initializers.normal(stddev=1e-6))(x)
+                    bias_init=nn.initializers.normal(stddev=1e-6), name='fc2')(x)
 
 
 class EncoderBlock(nn.Module):

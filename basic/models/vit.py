@@ -17,13 +17,17 @@ class_embedding + positional_embedding[0] (it has no position entry of its own) 
 `pos_embedding` the patches' rows. `ln_pre` normalises every token (class token included) before
 the Transformer; CLIP's `ln_post` is the encoder's final LayerNorm (per token, so before or after
 taking the class token is the same). Defaults keep the original numerics.
-Kinds (`MASK_KINDS`), all keeping exactly K tokens per example:
+Kinds (`MASK_KINDS`, field `mask` = {'kind', 'ratio', 'cell'}), all keeping exactly K tokens
+per example:
   'random': K positions uniformly at random.
   'grid':   the grid cut into `mask_cell` x `mask_cell` cells, one random position per cell
             kept first (CLIPA's grid masking: ratio 0.75 with cells of 2 keeps one per 2x2).
   'block':  whole `mask_cell` x `mask_cell` cells dropped in random order (an aligned-square
             simplification of BEiT's block masking; a cell may be partly dropped to hit K).
 """
+from typing import Any, Mapping
+
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,6 +36,40 @@ import numpy as np
 from basic.models import transformer
 
 MASK_KINDS = ('none', 'random', 'grid', 'block')
+MASK_OFF = flax.core.FrozenDict(kind='none', ratio=0.0, cell=2)
+
+# big_vision's ViT sizes (big_vision/models/vit.py `decode_variant`): name -> (width, depth,
+# mlp_dim, num_heads); a variant is '<name>/<patch size>', e.g. 'B/16'.
+VARIANTS = {
+    'Ti': (192, 12, 768, 3),
+    'S': (384, 12, 1536, 6),
+    'M': (512, 12, 2048, 8),
+    'B': (768, 12, 3072, 12),
+    'L': (1024, 24, 4096, 16),
+    'H': (1280, 32, 5120, 16),
+    'g': (1408, 40, 6144, 16),
+    'G': (1664, 48, 8192, 16),
+}
+_SIZES = ('patch_size', 'width', 'depth', 'num_heads', 'mlp_dim')
+
+
+def variant_spec(variant: str = '', **sizes) -> dict:
+  """'B/16' -> dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072);
+  variant '' -> the explicit `sizes` (patch_size, width, depth, num_heads, mlp_dim; all > 0).
+  ValueError naming what is wrong."""
+  if not variant:
+    spec = {k: sizes.get(k, 0) for k in _SIZES}
+    unset = [k for k, v in spec.items() if not v]
+    if unset:
+      raise ValueError(f'ViT without a variant needs the sizes {unset} (> 0).')
+    return spec
+  name, _, patch = variant.partition('/')
+  if name not in VARIANTS or not patch.isdigit():
+    raise ValueError(f'ViT variant {variant!r}: "<size>/<patch>" with a size in '
+                     f'{sorted(VARIANTS)}, e.g. "B/16".')
+  width, depth, mlp_dim, num_heads = VARIANTS[name]
+  return dict(patch_size=int(patch), width=width, depth=depth, num_heads=num_heads,
+              mlp_dim=mlp_dim)
 
 
 def num_kept(num_tokens: int, ratio: float) -> int:
@@ -90,20 +128,25 @@ def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.
 
 
 class ViT(nn.Module):
-  """ViT encoder. __call__: images [B, H, W, C] float -> [B, width]."""
-  patch_size: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
+  """ViT encoder. __call__: images [B, H, W, C] float -> [B, width].
+
+  Sizes: `variant` ('B/16': a VARIANTS row and the patch size), or '' and the explicit
+  patch_size, width, depth, num_heads and mlp_dim (`variant_spec`).
+  """
+  variant: str = ''          # 'B/16', 'H/14', ... (VARIANTS); '' = the explicit sizes below,
+  patch_size: int = 0        # which are 0 (unset) with a variant.
+  width: int = 0
+  depth: int = 0
+  num_heads: int = 0
+  mlp_dim: int = 0
   pool: str = 'gap'          # 'gap' (mean over patch tokens) | 'cls' (class token).
   posemb: str = 'learn'      # 'learn' | 'sincos2d'.
   dropout: float = 0.0
   remat: str = 'none'
   dtype: jnp.dtype = jnp.float32
-  mask: str = 'none'         # Training-time token masking: one of MASK_KINDS.
-  mask_ratio: float = 0.0    # Fraction of patch tokens dropped (training only).
-  mask_cell: int = 2         # Cell side in patches for 'grid' / 'block'.
+  # Training-time token masking (CLIPA): kind (one of MASK_KINDS), ratio of the patch tokens
+  # dropped, cell side in patches for 'grid' / 'block'. Keys left out take MASK_OFF's values.
+  mask: Mapping[str, Any] = MASK_OFF
   activation: str = transformer.DEFAULT_ACTIVATION   # MLP non-linearity (transformer.ACTIVATIONS).
   norm_eps: float = transformer.DEFAULT_NORM_EPS     # Every LayerNorm's epsilon.
   ln_pre: bool = False       # LayerNorm over all tokens before the Transformer (CLIP's ln_pre).
@@ -116,8 +159,11 @@ class ViT(nn.Module):
 
     The kept positions [B, K] are sown as intermediates 'kept' (for tests and inspection).
     """
-    p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', use_bias=self.patch_bias,
+    sizes = variant_spec(self.variant, patch_size=self.patch_size, width=self.width,
+                         depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim)
+    mask = {**MASK_OFF, **self.mask}
+    p, width = sizes['patch_size'], sizes['width']
+    x = nn.Conv(width, (p, p), strides=(p, p), padding='VALID', use_bias=self.patch_bias,
                 dtype=self.dtype, name='embedding')(images)
     b, gh, gw, d = x.shape
     x = x.reshape(b, gh * gw, d)
@@ -129,11 +175,11 @@ class ViT(nn.Module):
     else:
       raise ValueError(f'Unknown ViT posemb {self.posemb!r}.')
     x = x + pos.astype(x.dtype)
-    if self.mask not in MASK_KINDS:
-      raise ValueError(f'Unknown model.image.mask.kind {self.mask!r}; one of {MASK_KINDS}.')
-    if train and self.mask != 'none' and self.mask_ratio > 0:
-      keep = mask_indices(self.make_rng('dropout'), b, gh, gw, self.mask, self.mask_ratio,
-                          self.mask_cell)
+    if mask['kind'] not in MASK_KINDS:
+      raise ValueError(f'Unknown model.image.mask.kind {mask["kind"]!r}; one of {MASK_KINDS}.')
+    if train and mask['kind'] != 'none' and mask['ratio'] > 0:
+      keep = mask_indices(self.make_rng('dropout'), b, gh, gw, mask['kind'], mask['ratio'],
+                          mask['cell'])
       self.sow('intermediates', 'kept', keep)
       x = jnp.take_along_axis(x, keep[..., None], axis=1)      # [B, K, D]
     if self.pool == 'cls':
@@ -144,7 +190,51 @@ class ViT(nn.Module):
     if self.ln_pre:
       x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='ln_pre')(x)
     x = nn.Dropout(self.dropout)(x, not train)
-    x = transformer.Encoder(self.depth, self.num_heads, self.mlp_dim, self.dropout,
+    x = transformer.Encoder(sizes['depth'], sizes['num_heads'], sizes['mlp_dim'], self.dropout,
                             self.remat, self.dtype, self.activation, self.norm_eps,
                             scan_layers=self.scan_layers, name='encoder')(x, train=train)
     return x[:, 0] if self.pool == 'cls' else x.mean(axis=1)
+
+
+Model = ViT
+
+# Rules on paths inside the tower (basic.models): the Encoder's, plus the patch embedding and the
+# position embedding, whose width is split as the tokens' is not.
+SHARDING_RULES = transformer.SHARDING_RULES + (
+    (r'^embedding/kernel$', (None, None, None, 'model')),   # [p, p, 3, D]
+    (r'^pos_embedding$', (None, None, 'model')),            # [1, T, D]
+)
+POOLS = ('gap', 'cls')
+POSEMBS = ('learn', 'sincos2d')
+
+
+def validate(config, field: str = 'model.image'):
+  """config.<field> of a ViT (see basic.models): sizes, Encoder fields, patching, masking."""
+  from basic import config_lib  # pylint: disable=g-import-not-at-top  (config_lib reads models)
+  cfg = config_lib.get_field(config, field)
+  variant = config_lib.check_str(config, f'{field}.variant')
+  if variant:
+    try:
+      patch = variant_spec(variant)['patch_size']
+    except ValueError as e:
+      config_lib.fail(f'{field}.variant', variant, str(e))
+    for key in _SIZES:
+      if cfg[key]:
+        config_lib.fail(f'{field}.{key}', cfg[key], f'must be 0 (unset) with {field}.variant='
+                        f'{variant!r}: set either the variant or the explicit sizes.')
+  else:
+    patch = config_lib.check_int(config, f'{field}.patch_size', 1)
+  image_size = config.data.image_size
+  if image_size % patch:
+    config_lib.fail(f'{field}.variant' if variant else f'{field}.patch_size',
+                    variant or patch, f'the patch size must divide config.data.image_size='
+                    f'{image_size}.')
+  transformer.validate_encoder(config, field, POOLS, sizes=not variant)
+  config_lib.check_choice(config, f'{field}.posemb', POSEMBS)
+  config_lib.check_bool(config, f'{field}.ln_pre')
+  config_lib.check_bool(config, f'{field}.patch_bias')
+  config_lib.check_choice(config, f'{field}.mask.kind', MASK_KINDS)
+  ratio = config_lib.get_field(config, f'{field}.mask.ratio')
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+    config_lib.fail(f'{field}.mask.ratio', ratio, 'must be in [0, 1).')
+  config_lib.check_int(config, f'{field}.mask.cell', 1)

@@ -166,6 +166,7 @@ FAILURE_DEFAULTS = {
     'shutdown_timeout_s': 20, 'peer_poll_s': 1.0, 'distributed_heartbeat_timeout_s': 100,
     'workdir_lock_heartbeat_s': 30, 'workdir_lock_stale_s': 300,
     'debug_raise_at_step': 0, 'debug_raise_process': -1, 'debug_fail_checkpoint_at_step': 0,
+    'debug_finish_delay_s': 0,
 }
 
 
@@ -179,7 +180,7 @@ def _validate_failure_fields(config):
                'workdir_lock_heartbeat_s', 'workdir_lock_stale_s'):
     if name in config:
       _positive(config, name)
-  for name in ('debug_raise_at_step', 'debug_fail_checkpoint_at_step'):
+  for name in ('debug_raise_at_step', 'debug_fail_checkpoint_at_step', 'debug_finish_delay_s'):
     if name in config:
       _int(config, name, 0)
   if 'debug_raise_process' in config:

@@ -53,7 +53,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
       environment / auto-detected on TPU pods and cluster managers).
     num_processes: total number of processes, or None (auto-detected).
     process_id: this process's index in [0, num_processes), or None (auto-detected).
-    heartbeat_timeout_s: a process silent this long is declared dead (the others terminate).
+    heartbeat_timeout_s: a process silent this long is declared dead (the others terminate);
+      also the longest a finished process waits for the others in `shutdown`.
     peer_poll_s: seconds between two checks for another process's failure (a
       `basic.failures.PeerWatch` is started; 0 = none).
   """
@@ -64,7 +65,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address or None,
                              num_processes=num_processes, process_id=process_id,
-                             heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+                             heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+                             shutdown_timeout_seconds=int(heartbeat_timeout_s))
   if peer_poll_s > 0:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
     failures.start_peer_watch(distributed.global_state.client, jax.process_index(), peer_poll_s)
@@ -72,3 +74,19 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+def shutdown():
+  """Leaves a multi-process run in order, after a success; a no-op with one process.
+
+  Stops the `PeerWatch`, then calls `jax.distributed.shutdown()`, whose barrier waits (at most
+  the `heartbeat_timeout_s` given to `initialize`) until every process has arrived. Called
+  explicitly at the end of `main`, before the interpreter's teardown: left to the client's
+  destructor during teardown, the barrier ran under the teardown watchdog of
+  `failures.run_main` (config.shutdown_timeout_s), and a process that finished first on a loaded
+  machine was killed there (status 1) while it waited for a slower peer.
+  """
+  if not jax.distributed.is_initialized():
+    return
+  failures.stop_peer_watch()
+  jax.distributed.shutdown()

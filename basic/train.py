@@ -571,7 +571,7 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
     results = run_eval(step)
   ckpt.wait()
   ckpt.close()
-  writer.flush()
+  writer.close()   # Everything that writes is closed here: `main` exits without a teardown.
   return results
 
 
@@ -594,11 +594,15 @@ def main(argv):
     results = train_and_evaluate(config, _WORKDIR.value, tensorboard_dir=_TENSORBOARD_DIR.value)
     if results:
       print(' '.join(f'{k}={v:.4f}' for k, v in sorted(results.items())))
+    delay = config_lib.failure_field(config, 'debug_finish_delay_s')
+    if delay and jax.process_index() == 0:
+      time.sleep(delay)    # Fault injection: process 0 finishes late.
+    multihost.shutdown()   # Every process leaves together, before the teardown watchdog.
 
   # Any exception: logged, then the process exits non-zero within config.shutdown_timeout_s,
   # and the other processes of the run exit too (basic.failures).
   failures.run_main(run, timeout_s=config_lib.failure_field(config, 'shutdown_timeout_s'),
-                    process_index=jax.process_index)
+                    process_index=jax.process_index, exit_on_success=True)
 
 
 if __name__ == '__main__':

@@ -74,7 +74,10 @@ def test_two_processes_match_one_process(tmp_path):
   multi = subprocess.run(
       [sys.executable, os.path.join(REPO, 'launch', 'local.py'), '--num_processes=2',
        '--devices_per_process=4', '--timeout=500', '--',
-       *_flags(mh_dir, **{'tokenizer.model_path': spm})],
+       # Process 0 finishes 15 s late: process 1 must wait for it in jax.distributed's shutdown
+       # barrier, not under the 10 s teardown watchdog (it was killed there in CI, stop 24).
+       *_flags(mh_dir, **{'tokenizer.model_path': spm, 'debug_finish_delay_s': 15,
+                          'shutdown_timeout_s': 10})],
       env=cpu_devices.env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert multi.returncode == 0, multi.stdout[-8000:]
   assert 'process 1 of 2' in multi.stdout and '[1] ' in multi.stdout

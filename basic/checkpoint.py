@@ -336,3 +336,29 @@ def gather_host_values(values) -> np.ndarray:
   if jax.process_count() == 1:
     return local[None]
   return np.asarray(multihost_utils.process_allgather(local))
+
+
+def stream_item(cursor: dict, **extra) -> dict:
+  """The JSON 'data' item of a checkpoint from this host's input-stream cursor
+  (`basic.data.pipeline.TrainIterator.state()`): every host's position and drop count, gathered
+  ({'process_count': P, 'positions': [P], 'dropped': [P]}), plus the JSON fields `extra` (the
+  train loop's rng and skip count). Every process calls it (a collective)."""
+  rows = gather_host_values([cursor['position'], cursor['dropped']])   # [process_count, 2]
+  return {'process_count': int(rows.shape[0]), 'positions': rows[:, 0].tolist(),
+          'dropped': rows[:, 1].tolist(), **extra}
+
+
+def host_cursor(data: dict, step: int) -> dict:
+  """This host's `TrainIterator` state from a checkpoint's 'data' item, at train step `step`
+  (the batches consumed). Written by another number of processes: the record streams (sharded
+  per process) restart from their beginning, logged; a synthetic stream, indexed by step, still
+  resumes exactly."""
+  cursor = {'step': step, 'position': 0, 'dropped': 0}
+  if data.get('process_count') == jax.process_count():
+    cursor['position'] = data['positions'][jax.process_index()]
+    cursor['dropped'] = data['dropped'][jax.process_index()]
+  elif any(data.get('positions', [])):
+    logging.warning('The checkpoint was written by %s processes, this run has %d: the input '
+                    'streams (sharded per process) restart from their beginning.',
+                    data.get('process_count'), jax.process_count())
+  return cursor

@@ -12,9 +12,6 @@ from basic import config_defaults
 from basic import contrastive
 from basic import optim
 from basic import tokenizer as tokenizer_lib
-from basic.data import pipeline
-from basic.data import preprocess
-from basic.data import text_mask
 from basic import models
 
 LOSSES = ('softmax', 'sigmoid')
@@ -123,16 +120,8 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
     _fail('init_from', config.init_from, 'must be a path (str); empty for none.')
   _int(config, 'seed', 0)
 
-  _choice(config, 'data.source', pipeline.SOURCES)
-  image_size = _int(config, 'data.image_size', 1)
-  _int(config, 'data.text_length', 1)
-  for field in ('data.mean', 'data.std'):
-    value = _get(config, field)
-    if len(value) != 3:
-      _fail(field, value, 'must have 3 entries (RGB).')
-  if min(config.data.std) <= 0:
-    _fail('data.std', config.data.std, 'entries must be > 0.')
-  _validate_data(config)
+  from basic.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.validate(config)   # config.data: the common fields and the source's (basic.data).
   _validate_eval(config, num_processes, num_data_devices)
 
   _validate_model(config)
@@ -239,7 +228,7 @@ def _validate_sharding(config):
   _int(config, 'sharding.fsdp_min_size', 1)
 
 
-def _range(config, field, low, high, *, high_open=False):
+def check_range(config, field, low, high, *, high_open=False):
   """A (lo, hi) pair with low < lo <= hi <= high (hi < high if high_open)."""
   value = _get(config, field)
   ok = (isinstance(value, (tuple, list)) and len(value) == 2 and
@@ -250,43 +239,6 @@ def _range(config, field, low, high, *, high_open=False):
   if not ok:
     _fail(field, value, f'must be a pair (lo, hi) with {low} < lo <= hi '
           f'{"<" if high_open else "<="} {high}.')
-
-
-def _validate_data(config):
-  """config.data fields of the tfds / tfrecord sources (basic/data/pipeline.py).
-
-  Only the config is checked here; files, data sets and feature keys are checked when the input
-  pipeline is created (pipeline.check_source), before training.
-  """
-  source = config.data.source
-  for field in ('tfds_name', 'tfds_split', 'data_dir', 'tfrecord_pattern', 'image_key',
-                'text_key', 'resize_method'):
-    if not isinstance(_get(config, f'data.{field}'), str):
-      _fail(f'data.{field}', config.data[field], 'must be a string.')
-  if source == 'tfds':
-    if not config.data.tfds_name:
-      _fail('data.tfds_name', '', "must name a TFDS data set when config.data.source='tfds'.")
-    if not config.data.tfds_split:
-      _fail('data.tfds_split', '', "must name a split when config.data.source='tfds'.")
-  if source == 'tfrecord' and not config.data.tfrecord_pattern.strip(' ,'):
-    _fail('data.tfrecord_pattern', config.data.tfrecord_pattern,
-          "must be a glob or comma-separated globs when config.data.source='tfrecord'.")
-  _int(config, 'data.seed', 0)
-  _int(config, 'data.shuffle_buffer', 0)
-  _int(config, 'data.cycle_length', 1)
-  _int(config, 'data.threads', 0)
-  _int(config, 'data.prefetch', 0)
-  for field in ('data.cache', 'data.antialias', 'data.augment.flip'):
-    if not isinstance(_get(config, field), bool):
-      _fail(field, _get(config, field), 'must be True or False.')
-  _choice(config, 'data.resize_method', preprocess.RESIZE_METHODS)
-  _range(config, 'data.augment.crop_scale', 0, 1)
-  _range(config, 'data.augment.crop_ratio', 0, float('inf'))
-  prob = _get(config, 'data.augment.erasing_prob')
-  if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
-    _fail('data.augment.erasing_prob', prob, 'must be in [0, 1].')
-  _range(config, 'data.augment.erasing_scale', 0, 1, high_open=True)
-  _range(config, 'data.augment.erasing_ratio', 0, float('inf'))
 
 
 def _validate_eval(config, num_processes: int, num_data_devices: int):

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+import basic.data
 from basic import tokenizer as tokenizer_lib
 from basic.data import pipeline
 from basic.data import synthetic
@@ -35,14 +36,17 @@ def _small_config(batch_size=16):
 
 
 def _take(iterator, n):
-  return list(itertools.islice(iterator, n))
+  """n batches, each with the iterator's cursor after it ('step', 'position', 'dropped')."""
+  return [{**batch, **iterator.state()} for batch in itertools.islice(iterator, n)]
 
 
 def test_batch_shapes_and_dtypes(tokenizer):
   config = _tiny_config()
-  batch = next(pipeline.make_train_iterator(config, tokenizer))
+  batches = pipeline.make_train_iterator(config, tokenizer)
+  batch = next(batches)
   size, length = config.data.image_size, config.data.text_length
-  assert set(batch) == {'image', 'text', 'position', 'dropped'}
+  assert set(batch) == {'image', 'text'}      # The cursor is the iterator's: state().
+  assert batches.state() == {'step': 1, 'position': config.batch_size, 'dropped': 0}
   assert batch['image'].shape == (config.batch_size, size, size, 3)
   assert batch['image'].dtype == np.uint8
   assert batch['text'].shape == (config.batch_size, length)
@@ -61,9 +65,9 @@ def test_batches_are_the_dataset_examples(tokenizer):
 
 
 def test_batches_rendered_in_pieces_are_the_same(tokenizer, monkeypatch):
-  """A batch larger than the rendering piece (pipeline._SYNTHETIC_CHUNK, 4096; 5 here) is the
+  """A batch larger than the rendering piece (synthetic._RENDER_CHUNK, 4096; 5 here) is the
   dataset's examples exactly, a piece boundary inside it."""
-  monkeypatch.setattr(pipeline, '_SYNTHETIC_CHUNK', 5)
+  monkeypatch.setattr(synthetic, '_RENDER_CHUNK', 5)
   config = _small_config()
   batch = _take(pipeline.make_train_iterator(config, tokenizer, start_step=1), 1)[0]
   examples = synthetic.ShapesDataset.from_config(config.data).train_examples(np.arange(16, 32))
@@ -87,7 +91,13 @@ def test_deterministic_and_resumable(tokenizer):
   # position = examples of this host's stream through the batch; nothing is ever dropped.
   assert [int(b['position']) for b in fresh] == [16, 32, 48, 64, 80]
   assert [int(b['position']) for b in resumed] == [64, 80]
-  assert all(int(b['dropped']) == 0 and b['position'].dtype == np.int64 for b in fresh)
+  assert all(b['dropped'] == 0 and isinstance(b['position'], int) for b in fresh)
+  # restore() continues after any saved cursor.
+  iterator = pipeline.make_train_iterator(config, tokenizer)
+  iterator.restore(fresh[2])
+  for step in (3, 4):
+    np.testing.assert_array_equal(next(iterator)['image'], fresh[step]['image'])
+  assert iterator.state() == {'step': 5, 'position': 80, 'dropped': 0}
 
 
 def test_hosts_slices_concatenate_to_the_global_batch(tokenizer):
@@ -104,7 +114,7 @@ def test_hosts_slices_concatenate_to_the_global_batch(tokenizer):
 
 
 def test_bad_arguments_raise(tokenizer):
-  assert pipeline.SOURCES == ('synthetic', 'tfds', 'tfrecord')
+  assert basic.data.SOURCES.names()[:3] == ('synthetic', 'tfds', 'tfrecord')
   config = _small_config()
   config.data.source = 'laion'
   with pytest.raises(ValueError, match='data.source'):

@@ -108,9 +108,7 @@ def _params_after(config, steps):
       config.tokenizer, _shared_tokenizer(config), config.data.text_length)
   batches = pipeline.make_train_iterator(config, tokenizer)
   for _ in range(steps):
-    batch = next(batches)
-    batch.pop('position'), batch.pop('dropped')      # stream state: the train loop's, not the step's
-    state, _ = step(state, batch, jax.random.key(0))
+    state, _ = step(state, next(batches), jax.random.key(0))
   return state.params
 
 
@@ -126,7 +124,6 @@ def _raw_gradients(config):
   tokenizer = tokenizer_lib.Tokenizer.from_config(
       config.tokenizer, _shared_tokenizer(config), config.data.text_length)
   batch = next(pipeline.make_train_iterator(config, tokenizer))
-  batch.pop('position'), batch.pop('dropped')
   value_and_grad = gradcache.value_and_grad(
       train.make_encode_fn(model), train.make_loss_fn(config),
       num_microbatches=config.batch_size // config.microbatch_size)

@@ -1,40 +1,31 @@
-"""Input pipelines (tf.data): per-host batches of uint8 images and int32 token ids.
+"""The input pipeline (tf.data): per-host batches of uint8 images and int32 token ids.
 
-`make_train_iterator` yields, per training step, this host's slice of the global batch:
-{'image': uint8 [B_local, H, W, 3], 'text': int32 [B_local, L], 'position': int64 [],
-'dropped': int64 []}, with B_local = config.batch_size // process_count. Captions are tokenised
-in-graph (tensorflow-text) per batch. Images stay uint8 until they are on device (normalisation
-with config.data.mean / std happens there).
+`TrainIterator` (`make_train_iterator`) yields, per training step, this host's slice of the
+global batch: {'image': uint8 [B_local, H, W, 3], 'text': int32 [B_local, L]}, with
+B_local = config.batch_size // process_count, and keeps the stream's cursor: `state()` after
+each batch, `restore(state)` to continue from one. Images stay uint8 until they are on device
+(normalisation with config.data.mean / std happens there).
 
-Sources (config.data.source, see SOURCES):
-  'synthetic': the embedded coloured-shapes data set (basic/data/synthetic.py). The batch of step
-    s is a pure function of (config.data.synthetic.seed, s): global examples
-    s * batch_size ... (s + 1) * batch_size - 1 of the training stream, host p taking the p-th
-    contiguous slice. Resuming at any step is exact (`start_step`) and needs no iterator state.
-    position = (s + 1) * B_local, dropped = 0; no augmentation.
-  'tfds', 'tfrecord': image-text records (basic/data/sources.py: which files each host reads,
-    per-epoch file and record shuffling). Each host reads its own record stream:
-      records (endless, epoch after epoch) -> enumerate: raw position -> skip(start_position)
-      -> parse, pick one caption, decode + augment (basic/data/preprocess.py) -> drop bad
-      records -> batch B_local -> tokenise -> prefetch.
-    The randomness of an example (its crop, flip, erasing and, for a list of captions, which one
-    is used) is drawn statelessly from (config.data.seed, host, raw position), and the stream
-    order from (config.data.seed, epoch), so resuming at a batch's `position` yields exactly the
-    batches that followed it, and a record seen in another epoch gets another caption and crop.
+The data source (config.data.source, registered in basic.data.SOURCES; see basic/data/__init__.py
+for what an entry exports) gives the host batches of images and captions; here they are
+tokenised in-graph per batch (tensorflow-text), text-masked (CLIPA, config.data.text_mask),
+prefetched, and the cursor is counted:
+  'synthetic': the embedded coloured-shapes data set (basic/data/synthetic.py), the batch of step
+    s a pure function of (config.data.synthetic.seed, s); nothing is ever dropped.
+  'tfds', 'tfrecord': image-text records (basic/data/sources.py, tfds.py, tfrecord.py), each
+    host reading its own record stream, exactly replayable from a position.
 
-Resume. `position` is the number of raw records of this host's stream consumed through the end
-of the batch (over all epochs, dropped records included); `dropped` the number of them dropped
-as bad (position minus the good examples batched so far). Save both with the step; resume with
-`make_train_iterator(..., start_step=step, start_position=position)`, where `step` is the number
-of batches consumed (the restored train step): it only serves to count `dropped`. Skipping to
-`start_position` reads the records before it without decoding them; when the number of records
-per epoch is not in metadata (TFRecord), it is first counted with one pass over this host's files.
+Cursor. `state()` = {'step': batches consumed, 'position': the records of this host's stream
+consumed through the last batch (over all epochs, dropped records included), 'dropped': those
+dropped as bad (position minus the good examples batched so far)}. Saved with a checkpoint and
+restored, the iterator yields exactly the batches that followed. Skipping to a position reads
+the records before it without decoding them.
 
 Bad records. A record with no image, an empty image, no non-empty caption, a feature of the wrong
 type, or an image that does not decode (corrupt or truncated) is dropped, logged (TensorFlow
-warning) and counted in `dropped`; the run goes on. A TFRecord file that cannot be read further
-ends early (logged). Configuration errors fail at iterator creation (`check_source`): a pattern
-that matches nothing, an unknown TFDS name or split, a feature key the data does not have.
+warning) and counted in `dropped`; the run goes on. Configuration errors fail when the iterator
+is created (`check_source`): an unknown source, a pattern that matches nothing, an unknown TFDS
+name or split, a feature key the data does not have.
 """
 import collections
 import os
@@ -43,22 +34,62 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from absl import logging
 import numpy as np
 
+import basic.data
 from basic.data import preprocess
 from basic.data import sources
 from basic.data import synthetic
 from basic.data import text_mask
 from basic.data import tf_setup
 
-SOURCES = ('synthetic', 'tfds', 'tfrecord')  # config.data.source values; config_lib validates.
-RECORD_SOURCES = ('tfds', 'tfrecord')
-# Stream ids of the stateless per-example randomness (sources.py uses 1 and 2).
-_AUGMENT, _CAPTION = 3, 4
-_TEXT_MASK = 5   # Stream id of text masking (basic/data/text_mask.py).
-_SYNTHETIC_CHUNK = 4096   # Synthetic examples rendered at a time (memory, not results).
+_TEXT_MASK = 5   # Stream id of text masking (basic/data/text_mask.py; sources.py uses 1 to 4).
+# config.data fields every source shares (checked by `validate`), with the tiny config's values.
+COMMON_FIELDS = ('source', 'image_size', 'text_length', 'text_mask', 'mean', 'std', 'threads',
+                 'prefetch', 'resize_method', 'antialias', 'augment')
 
 
-def _unsupported_source(source: str) -> ValueError:
-  return ValueError(f'Unsupported config.data.source={source!r}; supported: {SOURCES}.')
+def source_of(config):
+  """The basic.data.SOURCES entry of config.data.source; ValueError naming the field."""
+  return basic.data.SOURCES.get(config.data.source)
+
+
+def validate(config):
+  """config.data: the common fields, then the source's own (its `validate`).
+
+  Only the config is checked here; files, data sets and feature keys are checked when the input
+  pipeline is created (`check_source`), before training.
+  """
+  from basic import config_lib  # pylint: disable=g-import-not-at-top
+  name = config_lib.get_field(config, 'data.source')
+  if name not in basic.data.SOURCES:
+    config_lib.fail('data.source', name,
+                    f'unknown data source; registered: {sorted(basic.data.SOURCES.names())}.')
+  config_lib.check_int(config, 'data.image_size', 1)
+  config_lib.check_int(config, 'data.text_length', 1)
+  for field in ('data.mean', 'data.std'):
+    value = config_lib.get_field(config, field)
+    if len(value) != 3:
+      config_lib.fail(field, value, 'must have 3 entries (RGB).')
+  if min(config.data.std) <= 0:
+    config_lib.fail('data.std', config.data.std, 'entries must be > 0.')
+  if 'text_mask' in config.data:   # CLIPA text token reduction (optional).
+    config_lib.check_choice(config, 'data.text_mask.kind', text_mask.KINDS)
+    config_lib.check_int(config, 'data.text_mask.length', 0)
+  config_lib.check_int(config, 'data.threads', 0)
+  config_lib.check_int(config, 'data.prefetch', 0)
+  config_lib.check_str(config, 'data.resize_method')
+  config_lib.check_choice(config, 'data.resize_method', preprocess.RESIZE_METHODS)
+  config_lib.check_bool(config, 'data.antialias')
+  config_lib.check_bool(config, 'data.augment.flip')
+  config_lib.check_range(config, 'data.augment.crop_scale', 0, 1)
+  config_lib.check_range(config, 'data.augment.crop_ratio', 0, float('inf'))
+  prob = config_lib.get_field(config, 'data.augment.erasing_prob')
+  if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+    config_lib.fail('data.augment.erasing_prob', prob, 'must be in [0, 1].')
+  config_lib.check_range(config, 'data.augment.erasing_scale', 0, 1, high_open=True)
+  config_lib.check_range(config, 'data.augment.erasing_ratio', 0, float('inf'))
+  source = source_of(config)
+  if hasattr(source, 'validate'):
+    source.validate(config)
 
 
 def local_batch_size(batch_size: int, process_index: int, process_count: int) -> int:
@@ -70,41 +101,9 @@ def local_batch_size(batch_size: int, process_index: int, process_count: int) ->
   return batch_size // process_count
 
 
-def _synthetic_train(config, start_step: int, process_index: int, local_batch: int):
-  """Per-step host batches from the shapes data set: {'image', 'caption', 'position', 'dropped'}."""
-  tf = tf_setup.configure_tensorflow()
-  dataset = synthetic.ShapesDataset.from_config(config.data)
-  batch_size, size = config.batch_size, config.data.image_size
-
-  def generate(step):
-    first = int(step) * batch_size + process_index * local_batch
-    image = np.empty((local_batch, size, size, 3), np.uint8)
-    captions = np.empty(local_batch, dtype=object)
-    # Rendered _SYNTHETIC_CHUNK examples at a time: an example is a function of its index alone,
-    # so the batch is the same, and the float32 temporaries of rendering stay ~50 MB instead of
-    # growing with the batch (4 GB at 65536).
-    for start in range(0, local_batch, _SYNTHETIC_CHUNK):
-      stop = min(start + _SYNTHETIC_CHUNK, local_batch)
-      examples = dataset.train_examples(np.arange(first + start, first + stop, dtype=np.int64))
-      image[start:stop] = examples['image']
-      captions[start:stop] = [c.encode('utf-8') for c in examples['caption']]
-    return image, captions
-
-  def step_batch(step):
-    image, caption = tf.numpy_function(generate, [step], [tf.uint8, tf.string], stateful=False)
-    image = tf.ensure_shape(image, [local_batch, size, size, 3])
-    caption = tf.ensure_shape(caption, [local_batch])
-    return {'image': image, 'caption': caption, 'position': (step + 1) * local_batch,
-            'dropped': tf.constant(0, tf.int64)}
-
-  steps = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
-  return steps.map(sources.plain(step_batch), num_parallel_calls=tf.data.AUTOTUNE,
-                   deterministic=True)
-
-
-def check_source(config, *, process_index: int = 0,
-                 process_count: int = 1) -> Optional[sources.HostRecords]:
-  """Checks config.data's source before training; returns this host's records (None: synthetic).
+def check_source(config, *, process_index: int = 0, process_count: int = 1):
+  """Checks config.data's source before training; returns its handle for this host (record
+  sources: `sources.HostRecords`; synthetic: None).
 
   Raises:
     ValueError naming the field: config.data.source (unknown), config.data.tfrecord_pattern (a
@@ -112,47 +111,10 @@ def check_source(config, *, process_index: int = 0,
     config.data.tfds_split, config.data.image_key / text_key (a feature the data lacks; the
     message lists those it has).
   """
-  source = config.data.source
-  if source == 'synthetic':
+  source = source_of(config)
+  if not hasattr(source, 'check'):
     return None
-  if source not in RECORD_SOURCES:
-    raise _unsupported_source(source)
-  return sources.host_records(config.data, process_index, process_count)
-
-
-def _example_seed(tf, seed: int, stream: int, position, process_index: int, process_count: int):
-  """Stateless seed int64 [2] of one record: (data seed, stream id, host, raw position)."""
-  counter = tf.cast(position, tf.int64) * process_count + process_index
-  return tf.stack([tf.constant(seed * 16 + stream, tf.int64), counter])
-
-
-def _decode_fn(config, host: sources.HostRecords, process_index: int, process_count: int):
-  """-> fn(position, record) -> {'image', 'caption', 'position', 'ok'} for one record."""
-  tf = tf_setup.configure_tensorflow()
-  data = config.data
-  size = data.image_size
-
-  def decode(position, record):
-    images, captions = sources.parse_example(record, host.image_key, host.text_key)
-    captions = sources.clean_captions(captions)
-    num_captions = tf.size(captions)
-    image_bytes = tf.strings.reduce_join(images[:1])
-    ok = (tf.size(images) == 1) & (tf.strings.length(image_bytes) > 0) & (num_captions > 0)
-    # One caption per example and epoch (the position differs between epochs).
-    u = tf.random.stateless_uniform([], seed=_example_seed(
-        tf, data.seed, _CAPTION, position, process_index, process_count))
-    index = tf.minimum(tf.cast(u * tf.cast(num_captions, tf.float32), tf.int32),
-                       tf.maximum(num_captions - 1, 0))
-    caption = tf.gather(tf.concat([captions, ['']], 0), index)
-    seed = _example_seed(tf, data.seed, _AUGMENT, position, process_index, process_count)
-    image = tf.cond(
-        ok,
-        lambda: preprocess.decode_train_image(image_bytes, size, data.augment, seed,
-                                              method=data.resize_method,
-                                              antialias=data.antialias),
-        lambda: tf.zeros([size, size, 3], tf.uint8))
-    return {'image': image, 'caption': caption, 'position': position, 'ok': ok}
-  return decode
+  return source.check(config, process_index=process_index, process_count=process_count)
 
 
 def _tokenize_fn(config, tokenizer, process_index: int, process_count: int):
@@ -161,54 +123,15 @@ def _tokenize_fn(config, tokenizer, process_index: int, process_count: int):
   tf = tf_setup.configure_tensorflow()
   mask = config.data.get('text_mask', None)
   kind = mask.kind if mask is not None else 'none'
+  seed = config.data.get('seed', 0)
 
   def tokenize(captions, position):
     if kind != 'none':
-      seed = _example_seed(tf, config.data.seed, _TEXT_MASK, position, process_index,
-                           process_count)
-      captions = text_mask.mask_captions(captions, kind,
-                                         mask.length or config.data.text_length, seed)
+      captions = text_mask.mask_captions(
+          captions, kind, mask.length or config.data.text_length,
+          sources.example_seed(tf, seed, _TEXT_MASK, position, process_index, process_count))
     return tokenizer.tf_tokenize(captions)
   return tokenize
-
-
-def _record_train(config, tokenizer, host: sources.HostRecords, *, start_step: int,
-                  start_position: int, local_batch: int, process_index: int,
-                  process_count: int):
-  """Batches {'image', 'text', 'position', 'dropped'} of a TFDS / TFRecord host stream."""
-  tf = tf_setup.configure_tensorflow()
-  data = config.data
-  start_epoch, offset = 0, 0
-  if start_position:
-    per_epoch = sources.count_records(host, data.cycle_length)
-    start_epoch, offset = divmod(start_position, per_epoch)
-    logging.info('Resuming the %s stream at record %d: epoch %d (of %d records), record %d.',
-                 host.name, start_position, start_epoch, per_epoch, offset)
-    first = start_epoch * per_epoch
-  else:
-    first = 0
-  records = sources.epoch_records(
-      host, seed=data.seed, shuffle_buffer=data.shuffle_buffer, cycle_length=data.cycle_length,
-      cache=data.cache, start_epoch=start_epoch, shuffle_id=process_index)
-  ds = records.enumerate(start=first).skip(offset)
-  ds = ds.map(sources.plain(_decode_fn(config, host, process_index, process_count)),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.ignore_errors(log_warning=True)   # Wrong feature types, undecodable images.
-  ds = ds.filter(sources.plain(lambda ex: ex['ok']))
-  ds = ds.map(sources.plain(lambda ex: {k: v for k, v in ex.items() if k != 'ok'}))
-  ds = ds.batch(local_batch, drop_remainder=True).enumerate()
-  # Drops before the resume point: its records minus the good examples of the batches before
-  # (0 for a stream that starts at its beginning, whatever start_step is).
-  dropped_before = max(start_position - start_step * local_batch, 0)
-  tokenize = _tokenize_fn(config, tokenizer, process_index, process_count)
-
-  def finish(k, batch):
-    position = batch['position'][-1] + 1
-    good = (k + 1) * local_batch
-    return {'image': batch['image'], 'text': tokenize(batch['caption'], position),
-            'position': position,
-            'dropped': dropped_before + (position - start_position) - good}
-  return ds.map(sources.plain(finish), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _options(config):
@@ -220,50 +143,99 @@ def _options(config):
   return options
 
 
-def make_train_iterator(config, tokenizer, *, start_step: int = 0, process_index: int = 0,
-                        process_count: int = 1,
-                        start_position: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """An endless iterator over this host's training batches.
+class TrainIterator:
+  """An endless iterator over this host's training batches that owns its cursor.
 
-  Checks the source first (`check_source`), so configuration errors raise here, before
-  training starts.
+  The source is checked when the iterator is created (`check_source`), so configuration errors
+  raise here, before training starts.
+
+    it = TrainIterator(config, tokenizer, process_index=..., process_count=...)
+    it.restore(saved_state)        # optional: continue after a saved batch
+    batch = next(it)               # {'image': uint8 [B_local, H, W, 3], 'text': int32 [B_local, L]}
+    it.state()                     # {'step': ..., 'position': ..., 'dropped': ...} (JSON-able ints)
 
   Args:
     config: the experiment config (reads batch_size and data.*).
     tokenizer: a `basic.tokenizer.Tokenizer` (its `tf_tokenize` runs inside tf.data).
-    start_step: the step of the first batch yielded: the number of batches consumed before
-      (resume = pass the restored step). Synthetic: it selects the batch; record sources: it
-      only serves to count `dropped`.
     process_index: this host's index (jax.process_index()).
     process_count: number of hosts (jax.process_count()).
-    start_position: record sources: the `position` of the last batch consumed (0 = from the
-      start); the batches yielded are exactly those that followed it. Ignored by 'synthetic'.
-
-  Yields:
-    {'image': uint8 [B_local, H, W, 3], 'text': int32 [B_local, L], 'position': int64 [],
-    'dropped': int64 []} with B_local = config.batch_size // process_count,
-    H = W = config.data.image_size and L = tokenizer.length (see the module docstring).
+    state: the cursor to start from (default: the beginning), as `restore` takes it.
   """
-  tf = tf_setup.configure_tensorflow()
-  local_batch = local_batch_size(config.batch_size, process_index, process_count)
-  if start_position < 0:
-    raise ValueError(f'start_position={start_position} must be >= 0.')
-  host = check_source(config, process_index=process_index, process_count=process_count)
-  if host is None:
-    ds = _synthetic_train(config, start_step, process_index, local_batch)
-    tokenize = _tokenize_fn(config, tokenizer, process_index, process_count)
-    ds = ds.map(sources.plain(lambda ex: {
-        'image': ex['image'], 'text': tokenize(ex['caption'], ex['position']),
-        'position': ex['position'], 'dropped': ex['dropped']}),
+
+  def __init__(self, config, tokenizer, *, process_index: int = 0, process_count: int = 1,
+               state: Optional[dict] = None):
+    self.config, self.tokenizer = config, tokenizer
+    self.process_index, self.process_count = process_index, process_count
+    self.local_batch = local_batch_size(config.batch_size, process_index, process_count)
+    self._source = source_of(config)
+    self._handle = check_source(config, process_index=process_index,
+                                process_count=process_count)
+    if isinstance(self._handle, sources.HostRecords):
+      logging.info('Process %d of %d reads %d file slice(s) of %s.', process_index,
+                   process_count, len(self._handle.slices), self._handle.name)
+    self._iterator = None
+    self.restore(state or {})
+
+  def state(self) -> dict:
+    """The cursor after the last batch yielded: {'step', 'position', 'dropped'} (ints)."""
+    return {'step': self._step, 'position': self._position, 'dropped': self._dropped}
+
+  def restore(self, state: dict):
+    """Continues after the batch whose `state()` this was: {'step': batches consumed,
+    'position': records consumed, 'dropped': of them dropped} (missing: 0; 'dropped' missing:
+    position minus the examples of `step` batches, as counted before it was saved)."""
+    step, position = int(state.get('step', 0)), int(state.get('position', 0))
+    if step < 0:
+      raise ValueError(f'step={step} must be >= 0.')
+    if position < 0:
+      raise ValueError(f'start_position={position} must be >= 0.')
+    dropped = state.get('dropped')
+    dropped = max(position - step * self.local_batch, 0) if dropped is None else int(dropped)
+    self._step, self._position, self._dropped = step, position, dropped
+    self._start = (step, position, dropped)
+    self._iterator = None   # A busy tf.data iterator is dropped only once a new one is made.
+    self._iterator = self._build()
+
+  def _build(self):
+    tf = tf_setup.configure_tensorflow()
+    step, position, _ = self._start
+    ds = self._source.batches(
+        self.config, self._handle, start_step=step, start_position=position,
+        local_batch=self.local_batch, process_index=self.process_index,
+        process_count=self.process_count)
+    tokenize = _tokenize_fn(self.config, self.tokenizer, self.process_index, self.process_count)
+    ds = ds.map(sources.plain(lambda b: {
+        **{k: v for k, v in b.items() if k != 'caption'},
+        'text': tokenize(b['caption'], b['position'])}),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  else:
-    logging.info('Process %d of %d reads %d file slice(s) of %s.', process_index,
-                 process_count, len(host.slices), host.name)
-    ds = _record_train(config, tokenizer, host, start_step=start_step,
-                       start_position=start_position, local_batch=local_batch,
-                       process_index=process_index, process_count=process_count)
-  ds = ds.prefetch(config.data.prefetch)
-  return ds.with_options(_options(config)).as_numpy_iterator()
+    ds = ds.prefetch(self.config.data.prefetch)
+    return ds.with_options(_options(self.config)).as_numpy_iterator()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    self._step += 1
+    self._position = int(batch.pop('position'))
+    dropped = batch.pop('dropped', None)
+    if dropped is None:   # Records consumed since the start minus the examples batched.
+      step0, position0, dropped0 = self._start
+      dropped = dropped0 + (self._position - position0) - (self._step - step0) * self.local_batch
+    self._dropped = int(dropped)
+    return batch
+
+
+def make_train_iterator(config, tokenizer, *, start_step: int = 0, process_index: int = 0,
+                        process_count: int = 1, start_position: int = 0,
+                        dropped: Optional[int] = None) -> TrainIterator:
+  """`TrainIterator` starting after `start_step` batches at stream position `start_position`
+  (the `state()` of the last batch consumed; 0, 0: from the start). Synthetic: start_step selects
+  the batch; record sources: start_position does, and start_step only serves to count `dropped`
+  when it is not given."""
+  return TrainIterator(config, tokenizer, process_index=process_index,
+                       process_count=process_count,
+                       state={'step': start_step, 'position': start_position, 'dropped': dropped})
 
 
 def caption_stream(config, n: int) -> Iterator[str]:
@@ -274,20 +246,7 @@ def caption_stream(config, n: int) -> Iterator[str]:
   process 0 of 1, shuffled as in training), stopping after `n`; records that do not parse are
   skipped. No image is decoded.
   """
-  if config.data.source == 'synthetic':
-    yield from synthetic.ShapesDataset.from_config(config.data).captions(n)
-    return
-  tf = tf_setup.configure_tensorflow()
-  host = check_source(config)
-  data = config.data
-  records = sources.epoch_records(host, seed=data.seed, shuffle_buffer=data.shuffle_buffer,
-                                  cycle_length=data.cycle_length, cache=False, num_epochs=1)
-  captions = records.map(
-      sources.plain(lambda r: sources.clean_captions(sources.parse_captions(r, host.text_key))),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  captions = captions.ignore_errors().unbatch().take(n).with_options(_options(config))
-  for caption in captions.as_numpy_iterator():
-    yield caption.decode('utf-8')
+  return source_of(config).captions(config, n)
 
 
 def prefetch_to_device(iterator: Iterable[Any], put: Callable[[Any], Any],

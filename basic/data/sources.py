@@ -28,6 +28,7 @@ corrupt) ends early with a logged warning; a record whose features have the wron
 whose image does not decode, is dropped downstream (see pipeline.py).
 """
 import dataclasses
+import os
 from typing import Optional
 
 from absl import logging
@@ -81,6 +82,31 @@ def feature_keys(data_config) -> tuple[str, str]:
   """(image_key, text_key) of config.data, with the source's defaults for empty ones."""
   default_image, default_text = DEFAULT_KEYS[data_config.source]
   return data_config.image_key or default_image, data_config.text_key or default_text
+
+
+# --- The config of the record sources (tfds, tfrecord). -----------------------------------------
+
+# config.data fields every TFRecord-file source reads (its own are in basic/data/tfds.py and
+# tfrecord.py).
+RECORD_DEFAULTS = {
+    'image_key': '',          # '' = the source's default (DEFAULT_KEYS).
+    'text_key': '',
+    'seed': 0,                # shuffling and augmentation.
+    'shuffle_buffer': 10_000,  # records; 0 = no record shuffling (files still are).
+    'cycle_length': 16,       # files read at a time, interleaved record by record.
+    'cache': False,           # keep this host's raw records in memory.
+}
+
+
+def validate_record_fields(config):
+  """config.data fields of RECORD_DEFAULTS; ConfigError naming the field."""
+  from basic import config_lib  # pylint: disable=g-import-not-at-top
+  for field in ('image_key', 'text_key'):
+    config_lib.check_str(config, f'data.{field}')
+  config_lib.check_int(config, 'data.seed', 0)
+  config_lib.check_int(config, 'data.shuffle_buffer', 0)
+  config_lib.check_int(config, 'data.cycle_length', 1)
+  config_lib.check_bool(config, 'data.cache')
 
 
 # --- TFRecord files. ------------------------------------------------------------------------------
@@ -395,3 +421,105 @@ def clean_captions(captions):
   captions = tf.strings.unicode_transcode(captions, 'UTF-8', 'UTF-8', errors='replace')
   captions = tf.strings.strip(captions)
   return tf.boolean_mask(captions, tf.strings.length(captions) > 0)
+
+
+# --- The host stream of a record source (basic.data.SOURCES entries tfds, tfrecord). -------------
+
+# Stream ids of the stateless per-example randomness (_FILE_ORDER, _SHUFFLE above; the pipeline's
+# text masking uses 5).
+_AUGMENT, _CAPTION = 3, 4
+
+
+def example_seed(tf, seed: int, stream: int, position, process_index: int, process_count: int):
+  """Stateless seed int64 [2] of one record: (data seed, stream id, host, raw position)."""
+  counter = tf.cast(position, tf.int64) * process_count + process_index
+  return tf.stack([tf.constant(seed * 16 + stream, tf.int64), counter])
+
+
+def _decode_fn(config, host: HostRecords, process_index: int, process_count: int):
+  """-> fn(position, record) -> {'image', 'caption', 'position', 'ok'} for one record."""
+  tf = tf_setup.configure_tensorflow()
+  from basic.data import preprocess  # pylint: disable=g-import-not-at-top
+  data = config.data
+  size = data.image_size
+
+  def decode(position, record):
+    images, captions = parse_example(record, host.image_key, host.text_key)
+    captions = clean_captions(captions)
+    num_captions = tf.size(captions)
+    image_bytes = tf.strings.reduce_join(images[:1])
+    ok = (tf.size(images) == 1) & (tf.strings.length(image_bytes) > 0) & (num_captions > 0)
+    # One caption per example and epoch (the position differs between epochs).
+    u = tf.random.stateless_uniform([], seed=example_seed(
+        tf, data.seed, _CAPTION, position, process_index, process_count))
+    index = tf.minimum(tf.cast(u * tf.cast(num_captions, tf.float32), tf.int32),
+                       tf.maximum(num_captions - 1, 0))
+    caption = tf.gather(tf.concat([captions, ['']], 0), index)
+    seed = example_seed(tf, data.seed, _AUGMENT, position, process_index, process_count)
+    image = tf.cond(
+        ok,
+        lambda: preprocess.decode_train_image(image_bytes, size, data.augment, seed,
+                                              method=data.resize_method,
+                                              antialias=data.antialias),
+        lambda: tf.zeros([size, size, 3], tf.uint8))
+    return {'image': image, 'caption': caption, 'position': position, 'ok': ok}
+  return decode
+
+
+def record_batches(config, host: HostRecords, *, start_step: int, start_position: int,
+                   local_batch: int, process_index: int, process_count: int):
+  """Host batches {'image', 'caption', 'position'} of a TFDS / TFRecord host stream:
+
+    records (endless, epoch after epoch) -> enumerate: raw position -> skip(start_position)
+    -> parse, pick one caption, decode + augment (basic/data/preprocess.py) -> drop bad
+    records -> batch B_local; position = the batch's last raw position + 1.
+
+  The randomness of an example (its crop, flip, erasing and, for a list of captions, which one
+  is used) is drawn statelessly from (config.data.seed, host, raw position), and the stream
+  order from (config.data.seed, epoch), so resuming at a batch's position yields exactly the
+  batches that followed it. Skipping to start_position reads the records before it without
+  decoding them; when the number of records per epoch is not in metadata (TFRecord), it is first
+  counted with one pass over this host's files. `start_step` is not used (the stream is indexed
+  by position).
+  """
+  del start_step
+  tf = tf_setup.configure_tensorflow()
+  data = config.data
+  start_epoch, offset, first = 0, 0, 0
+  if start_position:
+    per_epoch = count_records(host, data.cycle_length)
+    start_epoch, offset = divmod(start_position, per_epoch)
+    logging.info('Resuming the %s stream at record %d: epoch %d (of %d records), record %d.',
+                 host.name, start_position, start_epoch, per_epoch, offset)
+    first = start_epoch * per_epoch
+  records = epoch_records(
+      host, seed=data.seed, shuffle_buffer=data.shuffle_buffer, cycle_length=data.cycle_length,
+      cache=data.cache, start_epoch=start_epoch, shuffle_id=process_index)
+  ds = records.enumerate(start=first).skip(offset)
+  ds = ds.map(plain(_decode_fn(config, host, process_index, process_count)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.ignore_errors(log_warning=True)   # Wrong feature types, undecodable images.
+  ds = ds.filter(plain(lambda ex: ex['ok']))
+  ds = ds.map(plain(lambda ex: {k: v for k, v in ex.items() if k != 'ok'}))
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.map(plain(lambda b: {'image': b['image'], 'caption': b['caption'],
+                                 'position': b['position'][-1] + 1}))
+
+
+def record_captions(config, host: HostRecords, n: int):
+  """Up to `n` non-empty captions (all of a list of captions) of the records of one epoch of
+  `host` (shuffled as in training); records that do not parse are skipped. No image is decoded."""
+  tf = tf_setup.configure_tensorflow()
+  data = config.data
+  records = epoch_records(host, seed=data.seed, shuffle_buffer=data.shuffle_buffer,
+                          cycle_length=data.cycle_length, cache=False, num_epochs=1)
+  captions = records.map(
+      plain(lambda r: clean_captions(parse_captions(r, host.text_key))),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = data.threads or os.cpu_count()
+  options.threading.max_intra_op_parallelism = 1
+  captions = captions.ignore_errors().unbatch().take(n).with_options(options)
+  for caption in captions.as_numpy_iterator():
+    yield caption.decode('utf-8')

@@ -404,3 +404,69 @@ def _shape_mask(kind: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     d2 = dx**2 + dy**2
     return (d2 <= 1) & (d2 >= 0.5**2)
   raise ValueError(f'Unknown shape {kind!r}.')
+
+
+# --- Data source 'synthetic' (basic.data.SOURCES): the training stream as host batches. --------
+
+DEFAULTS = {'synthetic': {
+    'seed': 0,
+    'num_heldout': 10,       # colour x shape combinations kept out of training.
+    'eval_per_class': 50,    # zero-shot evaluation images per held-out class.
+}}
+_RENDER_CHUNK = 4096   # Examples rendered at a time (memory, not results).
+
+
+def validate(config):
+  from basic import config_lib  # pylint: disable=g-import-not-at-top
+  for field in ('seed', 'num_heldout', 'eval_per_class'):
+    config_lib.check_int(config, f'data.synthetic.{field}', 0)
+
+
+def check(config, *, process_index: int = 0, process_count: int = 1):
+  del config, process_index, process_count   # Nothing to reach: the data is generated.
+
+
+def batches(config, handle, *, start_step: int, start_position: int, local_batch: int,
+            process_index: int, process_count: int):
+  """Host batches {'image', 'caption', 'position', 'dropped'} of steps start_step, ...
+
+  The batch of step s is a pure function of (config.data.synthetic.seed, s): global examples
+  s * batch_size ... (s + 1) * batch_size - 1 of the training stream, host p taking the p-th
+  contiguous slice. Resuming at any step is exact and needs no stream position:
+  position = (s + 1) * B_local, dropped = 0, start_position is not used.
+  """
+  del handle, start_position, process_count
+  from basic.data import tf_setup  # pylint: disable=g-import-not-at-top
+  tf = tf_setup.configure_tensorflow()
+  dataset = ShapesDataset.from_config(config.data)
+  batch_size, size = config.batch_size, config.data.image_size
+
+  def generate(step):
+    first = int(step) * batch_size + process_index * local_batch
+    image = np.empty((local_batch, size, size, 3), np.uint8)
+    captions_ = np.empty(local_batch, dtype=object)
+    # Rendered _RENDER_CHUNK examples at a time: an example is a function of its index alone,
+    # so the batch is the same, and the float32 temporaries of rendering stay ~50 MB instead of
+    # growing with the batch (4 GB at 65536).
+    for start in range(0, local_batch, _RENDER_CHUNK):
+      stop = min(start + _RENDER_CHUNK, local_batch)
+      examples = dataset.train_examples(np.arange(first + start, first + stop, dtype=np.int64))
+      image[start:stop] = examples['image']
+      captions_[start:stop] = [c.encode('utf-8') for c in examples['caption']]
+    return image, captions_
+
+  def step_batch(step):
+    image, caption = tf.numpy_function(generate, [step], [tf.uint8, tf.string], stateful=False)
+    image = tf.ensure_shape(image, [local_batch, size, size, 3])
+    caption = tf.ensure_shape(caption, [local_batch])
+    return {'image': image, 'caption': caption, 'position': (step + 1) * local_batch,
+            'dropped': tf.constant(0, tf.int64)}
+
+  steps = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
+  return steps.map(tf.autograph.experimental.do_not_convert(step_batch),
+                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def captions(config, n: int):
+  """The captions of training examples 0 .. n - 1."""
+  yield from ShapesDataset.from_config(config.data).captions(n)

@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from basic import sharding
 from basic import soup
 from basic import train
 from basic.models import build as build_model
+from tests import gcs_emulator as gcs_emulator_lib
 from tests.test_train import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,10 +195,15 @@ def test_nan_at_step_is_skipped_and_counted(tmp_path):
 
 # --- kill -9 and resume, in subprocesses. --------------------------------------------------------
 
+# Dropout in both towers and random image-token masking (FLIP-style, drawn from the step's rng:
+# fold_in(run rng, step), microbatch k fold_in(that, k)): every step's loss depends on the rng a
+# resume restores, so a resume that restored it wrongly would fail the comparison.
 KILL_FLAGS = ['--config=configs/tiny.py', '--config.batch_size=32', '--config.microbatch_size=16',
               '--config.total_steps=12', '--config.log_every_steps=1',
               '--config.checkpoint_every_steps=2', '--config.eval_every_steps=12',
-              '--config.data.synthetic.eval_per_class=2', '--config.tokenizer.train_sentences=2000']
+              '--config.data.synthetic.eval_per_class=2', '--config.tokenizer.train_sentences=2000',
+              '--config.model.image.dropout=0.1', '--config.model.text.dropout=0.1',
+              '--config.model.image.mask.kind=random', '--config.model.image.mask.ratio=0.25']
 
 
 def _train_cmd(workdir, *extra):
@@ -214,9 +219,29 @@ def _tmp_dirs(ckpt_dir):
   return glob.glob(os.path.join(ckpt_dir, '*orbax-checkpoint-tmp*'))
 
 
+def _committed_steps(ckpt_dir):
+  return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+def _stop(proc, timeout=10.0):
+  """SIGSTOPs `proc` and waits until the kernel reports it stopped (state T): from then on none
+  of its threads (orbax's async commit among them) changes a file."""
+  proc.send_signal(signal.SIGSTOP)
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    with open(f'/proc/{proc.pid}/stat') as f:
+      if f.read().rsplit(')', 1)[1].split()[0] in ('T', 't'):
+        return
+    time.sleep(0.001)
+  raise AssertionError(f'process {proc.pid} did not stop')
+
+
 def _kill_once(workdir, mode, rng):
-  """Starts the run and SIGKILLs it: 'random' = at a random moment once it trains, 'save' =
-  as soon as an uncommitted (in-flight) checkpoint directory appears. -> True if killed."""
+  """Starts the run and SIGKILLs it once it trains: 'random' = at a random moment; 'save' = in
+  the middle of a checkpoint save: as soon as an uncommitted step directory (orbax's
+  `N.orbax-checkpoint-tmp-*`) appears, the process is frozen (SIGSTOP) and, if the directory
+  is still uncommitted, killed (else resumed until the next save). -> None if the run ended
+  before a kill; else the uncommitted step directories the kill left (always some for 'save')."""
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   before = len(_losses(workdir)) if os.path.exists(os.path.join(workdir, 'metrics.jsonl')) else 0
   proc = subprocess.Popen(_train_cmd(workdir), cwd=REPO, env=SUBPROCESS_ENV,
@@ -230,38 +255,51 @@ def _kill_once(workdir, mode, rng):
         trained_at = time.time()
     if trained_at is not None:
       if mode == 'save' and _tmp_dirs(ckpt_dir):
-        break
+        _stop(proc)
+        if _tmp_dirs(ckpt_dir):
+          break
+        proc.send_signal(signal.SIGCONT)   # Committed just before the stop: the next save.
       if mode == 'random' and time.time() - trained_at >= delay:
         break
     time.sleep(0.005)
   if proc.poll() is not None:
-    return False
+    return None
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  return True
+  return sorted(os.path.basename(d) for d in _tmp_dirs(ckpt_dir))
 
 
 def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
-  """Two kill -9s (one at a random moment, one while a checkpoint is being written), each
-  followed by the same command: the loss of every step and the final parameters equal an uninterrupted
-  run's (<= 1e-6 relative), and no half-written checkpoint is left behind."""
+  """Two kill -9s, one at a random moment and one in the middle of a checkpoint save (the
+  process is frozen while orbax's temporary step directory is uncommitted, then killed: the
+  save was really interrupted), each followed by the same command. The run has dropout and
+  random image-token masking, so every step depends on the rng the resume restores. The loss
+  of every step (1..12) and the final train state equal an uninterrupted run's (<= 1e-6
+  relative); the interrupted step is never taken as committed, and no half-written checkpoint
+  is left behind once the run has finished."""
   straight = str(tmp_path / 'straight')
   subprocess.run(_train_cmd(straight), cwd=REPO, env=SUBPROCESS_ENV, check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   killed = str(tmp_path / 'killed')
+  ckpt_dir = os.path.join(killed, 'checkpoints')
   rng = random.Random(0)
-  kills = [_kill_once(killed, mode, rng) for mode in ('random', 'save')]
-  assert all(kills), kills
+  assert _kill_once(killed, 'random', rng) is not None
+  interrupted = _kill_once(killed, 'save', rng)
+  assert interrupted, 'the run ended without a save to interrupt'
+  steps = {int(name.split('.')[0]) for name in interrupted}
+  assert not steps & set(_committed_steps(ckpt_dir)), (interrupted, _committed_steps(ckpt_dir))
   subprocess.run(_train_cmd(killed), cwd=REPO, env=SUBPROCESS_ENV, check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   want, got = _losses(straight), _losses(killed)
   assert sorted(got) == list(range(1, 13)) == sorted(want)
+  rel = max(abs(got[s] - want[s]) / abs(want[s]) for s in range(1, 13))
+  print(f'interrupted save: {interrupted}; max relative loss difference {rel:.2e}')
   np.testing.assert_allclose([got[s] for s in range(1, 13)], [want[s] for s in range(1, 13)],
                              rtol=1e-6)
-  assert not _tmp_dirs(os.path.join(killed, 'checkpoints'))
+  assert not _tmp_dirs(ckpt_dir)
   config = small_config(total_steps=12)
   template = _template(config)
-  a = checkpoint_lib.Checkpointer(os.path.join(killed, 'checkpoints'), read_only=True)
+  a = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
   b = checkpoint_lib.Checkpointer(os.path.join(straight, 'checkpoints'), read_only=True)
   _assert_trees_close(a.restore(template, 12), b.restore(template, 12))
 
@@ -269,80 +307,87 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
 # --- gs:// against a local GCS emulator. --------------------------------------------------------
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture
 def gcs_emulator():
   """A GCS emulator on 127.0.0.1 with bucket 'basic-test'; yields the env that points every
   storage client at it (see README, 'Checkpoints on GCS')."""
   pytest.importorskip('gcp_storage_emulator')
-  port = _free_port()
-  proc = subprocess.Popen(
-      [sys.executable, os.path.join(REPO, 'tests', 'gcs_emulator.py'), str(port), 'basic-test'],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 30
-  while True:
-    try:
-      socket.create_connection(('127.0.0.1', port), timeout=0.5).close()
-      break
-    except OSError:
-      if time.time() > deadline or proc.poll() is not None:
-        proc.kill()
-        pytest.fail('the GCS emulator did not start')
-      time.sleep(0.1)
-  url = f'http://127.0.0.1:{port}'
-  yield dict(SUBPROCESS_ENV, EPATH_USE_TF='false', STORAGE_EMULATOR_HOST=url,
-             TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING='x',
-             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
-  proc.terminate()
-  proc.wait(timeout=10)
+  with gcs_emulator_lib.serve('basic-test') as url:
+    yield dict(SUBPROCESS_ENV, EPATH_USE_TF='false', STORAGE_EMULATOR_HOST=url,
+               TENSORSTORE_GCS_HTTP_URL=url, GOOGLE_AUTH_TOKEN_FOR_TESTING='x',
+               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false')
 
 
 _READ_BACK = r'''
 import json, sys
-from basic import checkpoint, metric_writers
+import jax
+import numpy as np
+from basic import checkpoint, metric_writers, sharding
 path = sys.argv[1]
 directory, step = checkpoint.find_step_dir(path)
 ckpt = checkpoint.Checkpointer(directory, read_only=True)
 step = ckpt.latest_step()
 params = ckpt.restore_params(step)
+if len(sys.argv) > 2:   # The parameters, by path, to an .npz file.
+  np.savez(sys.argv[2], **{sharding.path_str(p): np.asarray(x)
+                           for p, x in jax.tree_util.tree_flatten_with_path(params)[0]})
 print(json.dumps({
     'directory': directory, 'step': step, 'steps': ckpt.all_steps(),
     'temperature': float(params['log_temperature']),
     'tokenizer_bytes': len(ckpt.restore_tokenizer(step)),
     'embed_dim': ckpt.restore_config(step).model.embed_dim,
     'positions': ckpt.restore_data(step)['positions'],
-    'logged': [r['step'] for r in metric_writers.read_jsonl(path + '/metrics.jsonl')
-               if 'train/loss' in r]}))
+    'losses': {r['step']: r['train/loss'] for r in metric_writers.read_jsonl(
+        path + '/metrics.jsonl') if 'train/loss' in r}}))
 '''
 
 
-def test_gcs_train_resume_and_discover_latest_from_another_process(gcs_emulator, tmp_path):
+def test_gcs_train_interrupted_resumed_equals_uninterrupted_local_run(gcs_emulator, tmp_path):
+  """A run on gs:// (dropout and random token masking on, as in the kill -9 test) fails at step
+  5 (debug_raise_at_step) after its step-4 checkpoint; a fresh process finds that checkpoint on
+  its own; the same command without the failure resumes from gs://.../checkpoints/4. Every
+  logged loss (steps 1..6) and the final parameters equal an uninterrupted local run's
+  (<= 1e-6 relative; parameters also <= 1e-7 absolute)."""
+  flags = ['--config.total_steps=6', '--config.checkpoint_every_steps=2',
+           '--config.eval_every_steps=6']
+  local = str(tmp_path / 'local')
+  subprocess.run(_train_cmd(local, *flags), cwd=REPO, env=SUBPROCESS_ENV, check=True,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   workdir = 'gs://basic-test/runs/tiny'
-  flags = ['--config.total_steps=4', '--config.log_every_steps=2',
-           '--config.checkpoint_every_steps=2', '--config.eval_every_steps=4',
-           f'--tensorboard_dir={tmp_path / "tb"}']
   run = lambda *extra: subprocess.run(
-      _train_cmd(workdir, *flags, *extra), cwd=REPO, env=gcs_emulator, check=True,
-      capture_output=True, text=True)
-  run()
-  read = lambda: json.loads(subprocess.run(
-      [sys.executable, '-c', _READ_BACK, workdir], cwd=REPO, env=gcs_emulator, check=True,
-      capture_output=True, text=True).stdout.strip().splitlines()[-1])
+      _train_cmd(workdir, *flags, f'--tensorboard_dir={tmp_path / "tb"}', *extra), cwd=REPO,
+      env=gcs_emulator, capture_output=True, text=True, timeout=600)
+  failed = run('--config.debug_raise_at_step=5')
+  assert failed.returncode != 0 and 'debug_raise_at_step=5' in failed.stderr, \
+      failed.stderr[-3000:]
+  read = lambda *out: json.loads(subprocess.run(
+      [sys.executable, '-c', _READ_BACK, workdir, *out], cwd=REPO, env=gcs_emulator,
+      check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
   first = read()   # A fresh process, as on a new VM: finds the latest step on its own.
   assert first['directory'] == workdir + '/checkpoints'
   assert first['step'] == 4 and first['steps'] == [2, 4] and first['embed_dim'] == 64
   assert first['tokenizer_bytes'] > 1000 and first['positions'][0] > 0
-  assert first['logged'] == [2, 4]
+  assert sorted(map(int, first['losses'])) == [1, 2, 3, 4]
   assert glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*'))
-  run('--config.total_steps=6')   # Resumes from gs://.../checkpoints/4.
-  second = read()
-  assert second['step'] == 6 and second['logged'] == [2, 4, 6]
-  assert second['temperature'] != first['temperature']
+  resumed = run()   # Resumes from gs://.../checkpoints/4.
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from checkpoint step 4' in resumed.stderr
+  second = read(str(tmp_path / 'gcs_params.npz'))
+  assert second['step'] == 6 and second['temperature'] != first['temperature']
+  got = {int(k): v for k, v in second['losses'].items()}
+  want = _losses(local)
+  assert sorted(got) == sorted(want) == list(range(1, 7))
+  rel = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+  print(f'gs:// resumed vs local: max relative loss difference {rel:.2e}')
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
+                             rtol=1e-6)
+  gcs_params = np.load(str(tmp_path / 'gcs_params.npz'))
+  local_ckpt = checkpoint_lib.Checkpointer(os.path.join(local, 'checkpoints'), read_only=True)
+  local_params = {sharding.path_str(p): np.asarray(x) for p, x in
+                  jax.tree_util.tree_flatten_with_path(local_ckpt.restore_params(6))[0]}
+  assert sorted(gcs_params.files) == sorted(local_params) and len(local_params) > 40
+  for key, value in local_params.items():
+    np.testing.assert_allclose(gcs_params[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoint(trained_run, tmp_path):

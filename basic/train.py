@@ -319,30 +319,12 @@ def params_from_checkpoint(path: str, params):
   return sharding.put_whole(loaded, jax.tree.map(lambda p: p.sharding, params))
 
 
-def _data_state(position, dropped, skipped, rng) -> dict:
-  """The JSON saved with a checkpoint: per-host stream positions / drop counts, skips, rng."""
-  rows = checkpoint_lib.gather_host_values([position, dropped])   # [process_count, 2]
-  return {'process_count': int(rows.shape[0]), 'positions': rows[:, 0].tolist(),
-          'dropped': rows[:, 1].tolist(), 'nonfinite_skipped': int(skipped),
-          'rng': np.asarray(jax.random.key_data(rng)).tolist()}
-
-
-def _resume_data(data: dict, config):
-  """-> (start_position, dropped, skipped, rng) of this host from a checkpoint's data state."""
+def _resume_data(data: dict, config, step: int):
+  """-> (this host's input-stream cursor, skipped, rng) from a checkpoint's data item."""
   rng = jax.random.key(config.seed + 1)
-  if not data:
-    return 0, 0, 0, rng
   if 'rng' in data:
     rng = jax.random.wrap_key_data(np.asarray(data['rng'], np.uint32))
-  position = dropped = 0
-  if data.get('process_count') == jax.process_count():
-    position = data['positions'][jax.process_index()]
-    dropped = data['dropped'][jax.process_index()]
-  elif any(data.get('positions', [])):
-    logging.warning('The checkpoint was written by %s processes, this run has %d: the input '
-                    'streams (sharded per process) restart from their beginning.',
-                    data.get('process_count'), jax.process_count())
-  return position, dropped, data.get('nonfinite_skipped', 0), rng
+  return (checkpoint_lib.host_cursor(data, step), data.get('nonfinite_skipped', 0), rng)
 
 
 def check_resume_config(ckpt, config):
@@ -467,8 +449,8 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
   elif config.init_from:
     state = state.replace(params=params_from_checkpoint(config.init_from, state.params))
     logging.info('Initialised the parameters from %s.', config.init_from)
-  position, dropped, skipped, rng = _resume_data(data_state, config)
   start_step = int(state.step)
+  cursor, skipped, rng = _resume_data(data_state, config, start_step)
 
   writer = metric_writers.create_writer(workdir, start_step=start_step,
                                         tensorboard_dir=tensorboard_dir)
@@ -483,9 +465,8 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
       config, state.params, encode_fn=make_encode_fn(model), make_loss_fn=make_loss_fn,
       init_batch=init_batch)
   peak_flops = flops_lib.peak_flops_per_device(config, list(mesh.devices.flat))
-  train_iter = pipeline.make_train_iterator(
-      config, tokenizer, start_step=start_step, process_index=jax.process_index(),
-      process_count=num_processes, start_position=position)
+  train_iter = pipeline.TrainIterator(config, tokenizer, process_index=jax.process_index(),
+                                      process_count=num_processes, state=cursor)
   evaluator = evaluate_run.Evaluator(config, model, mesh)   # Fails now if its data is missing.
   run.writer, run.train_iter = writer, train_iter
   raise_at = config_lib.failure_field(config, 'debug_raise_at_step')
@@ -517,7 +498,9 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
   def save(step):
     nonlocal last_good
     check_finite(pending)
-    ckpt.save(step, state, config, data=_data_state(position, dropped, skipped, rng),
+    data = checkpoint_lib.stream_item(train_iter.state(), nonfinite_skipped=int(skipped),
+                                      rng=np.asarray(jax.random.key_data(rng)).tolist())
+    ckpt.save(step, state, config, data=data,
               tokenizer_model=tokenizer.serialized_model, tokenizer_kind=tokenizer.kind)
     last_good = step
 
@@ -530,10 +513,7 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
   with PreemptionWatch() as preemption:
     while step < config.total_steps:
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        host_batch = next(train_iter)
-        position = int(host_batch.pop('position', position))
-        dropped = int(host_batch.pop('dropped', dropped))
-        batch = sharding.global_batch(host_batch, mesh)
+        batch = sharding.global_batch(next(train_iter), mesh)
         if step + 1 == raise_at and raise_here:   # Fault injection (tests of crash handling).
           raise RuntimeError(f'config.debug_raise_at_step={raise_at}: injected failure at step '
                              f'{step + 1} on process {jax.process_index()}.')
@@ -555,7 +535,8 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
         scalars.update(flops_lib.mfu(step_model_flops, step - window_first_step, elapsed,
                                      mesh.devices.size, peak_flops))
         scalars['train/nonfinite_skipped'] = skipped
-        scalars['data/dropped'] = int(checkpoint_lib.gather_host_values([dropped]).sum())
+        scalars['data/dropped'] = int(checkpoint_lib.gather_host_values(
+            [train_iter.state()['dropped']]).sum())
         writer.write_scalars(step, scalars)
         window = []
         window_start, window_first_step = time.perf_counter(), step

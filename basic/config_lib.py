@@ -298,10 +298,6 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-def from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
-
-
 def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
   """{'model.image.width': 128, ...} for logging hyper-parameters."""
   out = {}

@@ -183,31 +183,46 @@ def check_tfrecord_keys(files: list[str], image_key: str, text_key: str, pattern
 # --- TFDS. ----------------------------------------------------------------------------------------
 
 
+def load_tfds_builder(name: str, data_dir: str, *, field: str, dir_field: str):
+  """The prepared TFDS builder `name` in `data_dir` ('' = TFDS's default); downloads nothing.
+
+  The one loader of training sources (`tfds_builder`) and evaluation tasks
+  (basic.evaluate.datasets.builder). `field` / `dir_field` name the config fields that gave
+  `name` / `data_dir`, for the errors.
+
+  Raises:
+    ValueError naming `field` for an unknown, unloadable or unprepared data set.
+  """
+  tf_setup.configure_tensorflow()   # Before any TF op: CPU only, few threads.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  where = f'{dir_field}={data_dir!r}'
+  first_line = lambda e: str(e).splitlines()[0] if str(e) else ''
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'{field}={name!r}: no such TFDS data set (not registered and not found '
+                     f'in {where}): {first_line(e)}') from e
+  except Exception as e:  # pylint: disable=broad-except  (bad version / config strings, ...)
+    raise ValueError(f'{field}={name!r}: cannot load it ({where}): {type(e).__name__}: '
+                     f'{first_line(e)}') from e
+  if not builder.is_prepared():
+    raise ValueError(f'{field}={name!r}: not prepared in {where} ({builder.data_dir}); prepare '
+                     f'it first (`tfds build {name} --data_dir=...`): nothing is downloaded.')
+  return builder
+
+
 def tfds_builder(data_config):
   """The prepared TFDS builder of config.data (tfds_name, data_dir); downloads nothing.
 
   Raises:
     ValueError naming config.data.tfds_name for an unknown or unprepared data set.
   """
-  tf_setup.configure_tensorflow()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  name, data_dir = data_config.tfds_name, data_config.data_dir or None
-  where = f'config.data.data_dir={data_config.data_dir!r}'
+  name = data_config.tfds_name
   if not name:
     raise ValueError("config.data.tfds_name='': set it to a TFDS data set name, e.g. "
                      "'coco_captions' or 'my_dataset/config:1.0.0'.")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'config.data.tfds_name={name!r}: no such TFDS data set (not registered '
-                     f'and not found in {where}): {str(e).splitlines()[0]}') from e
-  except Exception as e:  # pylint: disable=broad-except  (bad version / config strings, ...)
-    raise ValueError(f'config.data.tfds_name={name!r}: cannot load it ({where}): '
-                     f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}') from e
-  if not builder.is_prepared():
-    raise ValueError(f'config.data.tfds_name={name!r}: not prepared in {where} '
-                     f'({builder.data_dir}); prepare it first (`tfds build {name}` or '
-                     'builder.download_and_prepare()), the pipeline downloads nothing.')
+  builder = load_tfds_builder(name, data_config.data_dir, field='config.data.tfds_name',
+                              dir_field='config.data.data_dir')
   file_format = str(getattr(builder.info.file_format, 'value', builder.info.file_format))
   if file_format != 'tfrecord':
     raise ValueError(f'config.data.tfds_name={name!r}: stored as {file_format}; only the '

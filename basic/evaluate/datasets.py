@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 from basic.data import preprocess
+from basic.data import sources
 from basic.data import tf_setup
 
 
@@ -34,20 +35,9 @@ def builder(task, task_name: str):
     ValueError naming config.eval.tasks.NAME.tfds_name if the data set is unknown or not
     prepared in the task's data_dir.
   """
-  tfds = _tfds()
-  name, data_dir = task.tfds_name, task.data_dir or None
-  field = field_name(task_name, 'tfds_name')
-  where = f'{field_name(task_name, "data_dir")}={task.data_dir!r}'
-  try:
-    result = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # pylint: disable=broad-except  (unknown names, bad versions, ...)
-    first = str(e).splitlines()[0] if str(e) else ''
-    raise ValueError(f'{field}={name!r}: cannot load it ({where}): {type(e).__name__}: '
-                     f'{first}') from e
-  if not result.is_prepared():
-    raise ValueError(f'{field}={name!r}: not prepared in {where} ({result.data_dir}); run '
-                     f'`tfds build {name} --data_dir=...` first (evaluation downloads nothing).')
-  return result
+  return sources.load_tfds_builder(task.tfds_name, task.data_dir,
+                                   field=field_name(task_name, 'tfds_name'),
+                                   dir_field=field_name(task_name, 'data_dir'))
 
 
 def feature(tfds_builder, key: str, field: str):

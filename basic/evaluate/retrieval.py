@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from basic.data import sources
 from basic.data import tf_setup
 from basic.evaluate import datasets
 
@@ -83,8 +84,7 @@ def evaluate_task(task_name: str, task, encoders, params, tokenizer,
                          antialias=config.data.get('antialias', True),
                          threads=config.data.get('threads', 0))
   tf = tf_setup.configure_tensorflow()
-  plain = tf.autograph.experimental.do_not_convert
-  ds = ds.enumerate().map(plain(lambda i, ex: {  # captions: string [n], one caption or several.
+  ds = ds.enumerate().map(sources.plain(lambda i, ex: {  # captions: string [n], one caption or several.
       'image': ex['image'], 'captions': tf.reshape(ex['captions'], [-1]), 'id': first_id + i}))
   local = encoders.local_batch
   size = config.data.image_size

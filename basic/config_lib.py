@@ -332,6 +332,7 @@ RESUME_RULES = (
     ('tokenizer.train_sentences', ALLOWED),  # checkpoint's tokenizer (basic.train).
     ('tokenizer.*', FIXED),
     ('data.tfrecord_pattern', ALLOWED),  # paths that may move.
+    ('data.webdataset_pattern', ALLOWED),
     ('data.data_dir', ALLOWED),
     ('data.threads', ALLOWED),         # throughput only.
     ('data.prefetch', ALLOWED),

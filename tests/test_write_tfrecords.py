@@ -1,8 +1,11 @@
-"""Tests for basic/data/write_tfrecords.py: a folder of images + captions -> img2dataset shards."""
+"""Tests for basic/data/write_tfrecords.py: a folder of images + captions, or webdataset tar shards
+-> img2dataset shards."""
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import ml_collections
 import numpy as np
@@ -121,3 +124,59 @@ def test_written_shards_are_a_tfrecord_source(folder, tmp_path):
   captions = list(pipeline.caption_stream(config, 100))
   assert sorted(captions) == sorted(c.strip() for f, c in rows
                                     if f not in ('bad.jpg', 'missing.png') and c.strip())
+
+
+def _tar(path, members):
+  with tarfile.open(path, 'w') as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize('json_caption', ['', 'caption'])
+def test_webdataset_shards_to_tfrecords(folder, tmp_path, json_caption):
+  """Two tar shards in img2dataset's layout: JPEGs copied, a PNG re-encoded, a corrupt image, a
+  sample without .txt (its caption from the .json with --json_caption) and one without an image
+  skipped and counted; 'url' from the .json."""
+  images, _ = folder
+  read = lambda name: (images / name).read_bytes()
+  meta = lambda i, text: json.dumps({'url': f'https://x/{i}.jpg', 'caption': text}).encode()
+  _tar(tmp_path / 'a.tar', [
+      ('000.jpg', read('img0.jpg')), ('000.txt', b'a zero'), ('000.json', meta(0, 'a zero')),
+      ('001.png', read('img5.png')), ('001.txt', b'a five'),
+      ('002.jpg', read('bad.jpg')), ('002.txt', b'broken'),
+  ])
+  _tar(tmp_path / 'b.tar', [
+      ('003.jpg', read('img1.jpg')), ('003.json', meta(3, 'from json')),
+      ('004.txt', b'no image'), ('004.json', meta(4, 'no image')),
+      ('005.jpg', read('img2.jpg')), ('005.txt', b'a two'), ('005.parquet', b'x'),
+  ])
+  out = str(tmp_path / 'out')
+  stats = write_tfrecords.write_tfrecords_from_webdataset(
+      str(tmp_path), out, json_caption=json_caption, examples_per_shard=2)
+  texts = ['a zero', 'a five'] + (['from json'] if json_caption else []) + ['a two']
+  assert (stats['written'], stats['skipped_image'], stats['skipped_caption']) == (
+      len(texts), 2, 0 if json_caption else 1)
+  records = _read(stats['shards'])
+  assert [r['txt'].bytes_list.value[0].decode() for r in records] == texts
+  assert records[0]['jpg'].bytes_list.value[0] == read('img0.jpg')
+  assert tf.io.is_jpeg(records[1]['jpg'].bytes_list.value[0])
+  assert records[0]['url'].bytes_list.value[0] == b'https://x/0.jpg'
+  assert records[1]['url'].bytes_list.value[0].decode().endswith('a.tar#001')
+
+
+@pytest.mark.slow   # A fresh process (~10 s of imports); the webdataset reader is tested above.
+def test_cli_reads_a_webdataset_folder(folder, tmp_path):
+  images, _ = folder
+  _tar(tmp_path / 'a.tar', [('0.jpg', (images / 'img0.jpg').read_bytes()), ('0.txt', b'zero'),
+                            ('1.jpg', (images / 'bad.jpg').read_bytes()), ('1.txt', b'one')])
+  result = subprocess.run(
+      [sys.executable, '-m', 'basic.data.write_tfrecords', f'--webdataset={tmp_path}',
+       f'--output_dir={tmp_path / "out"}'],
+      cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Wrote 1 records in 1 shards' in result.stdout
+  assert 'skipped 1 undecodable images and 0 empty captions' in result.stdout
+  assert [r['txt'].bytes_list.value[0] for r in _read([str(tmp_path / 'out' / '00000.tfrecord')])
+          ] == [b'zero']

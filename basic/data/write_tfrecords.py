@@ -1,7 +1,16 @@
-r"""Writes a folder of images with a captions file as TFRecord shards in img2dataset's schema.
+r"""Writes a folder of images with a captions file, or webdataset tar shards, as TFRecord shards
+in img2dataset's schema.
 
   python -m basic.data.write_tfrecords --images_dir=photos --captions=photos/captions.tsv \
       --output_dir=data/shards [--examples_per_shard=10000]
+  python -m basic.data.write_tfrecords --webdataset='laion/{00000..00099}.tar' \
+      --output_dir=data/shards
+
+Webdataset input (--webdataset: a folder of .tar shards, or a glob / brace list as
+config.data.webdataset_pattern takes it): the samples of the shards in order, the image and
+caption members chosen as the 'webdataset' source chooses them (--image_ext, --text_ext,
+--json_caption; see basic/data/webdataset.py); 'url' is the sample's `.json` url if it has one,
+else SHARD#KEY.
 
 Captions file: `.tsv` or `.csv` with a header row, or `.jsonl` (one object per line), giving
 for each pair the image file (relative to --images_dir) and its caption in the columns / keys
@@ -13,8 +22,8 @@ tf.train.Example records with img2dataset's features: 'jpg' (JPEG bytes), 'txt' 
 'key' (the 5-digit shard number, then the index in the shard: '000010042'), 'width',
 'height' (int64, of the stored image), 'url' (the source file path). JPEG files are copied byte for
 byte; other formats (PNG, GIF, BMP, WebP) are decoded and re-encoded as JPEG (--jpeg_quality).
-Images that do not decode and empty captions are skipped and counted. Then train with
-`--config.data.source=tfrecord --config.data.tfrecord_pattern='data/shards/*.tfrecord'`.
+Images that are missing or do not decode and empty captions are skipped and counted. Then train
+with `--config.data.source=tfrecord --config.data.tfrecord_pattern='data/shards/*.tfrecord'`.
 """
 import csv
 import json
@@ -26,6 +35,7 @@ from absl import flags
 from absl import logging
 
 from basic.data import tf_setup
+from basic.data import webdataset
 
 DIGITS_SHARD = 5      # img2dataset: '{shard:05d}.tfrecord'.
 
@@ -72,6 +82,18 @@ def _as_jpeg(data: bytes, quality: int) -> tuple[bytes, int, int]:
   return data, width, height
 
 
+def _file_items(pairs: Iterable[tuple[str, str]], images_dir: str):
+  """(url, read_image, caption) of (image file, caption) pairs."""
+  tf = tf_setup.configure_tensorflow()
+  for file, caption in pairs:
+    path = os.path.join(images_dir, file)
+
+    def read(path=path):
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        return f.read()
+    yield path, read, caption
+
+
 def write_tfrecords(pairs: Iterable[tuple[str, str]], images_dir: str, output_dir: str, *,
                     examples_per_shard: int = 10_000, jpeg_quality: int = 95) -> dict:
   """Writes (image file, caption) pairs as shards; returns counts and the shard paths.
@@ -79,6 +101,44 @@ def write_tfrecords(pairs: Iterable[tuple[str, str]], images_dir: str, output_di
   Returns:
     dict(shards=list of paths, written=int, skipped_image=int, skipped_caption=int).
   """
+  return _write(_file_items(pairs, images_dir), output_dir, examples_per_shard=examples_per_shard,
+                jpeg_quality=jpeg_quality)
+
+
+def _webdataset_items(pattern: str, image_ext: str, text_ext: str, json_caption: str):
+  """(url, read_image, caption) of the samples of webdataset shards, in order."""
+  tf = tf_setup.configure_tensorflow()
+  if tf.io.gfile.isdir(pattern):
+    pattern = os.path.join(pattern, '*.tar')
+  fmt = webdataset.Format(webdataset.extensions(image_ext), webdataset.extensions(text_ext),
+                          json_caption)
+  for path in webdataset.shard_files(pattern):
+    for key, members in webdataset.read_samples(path):
+      image, caption = fmt.image(members), fmt.caption(members)
+      url = f'{path}#{key}'
+      try:
+        url = json.loads(members['json'])['url'] or url
+      except (KeyError, TypeError, ValueError):   # No .json, not an object, no url.
+        pass
+      yield url, (lambda image=image: image), (caption or b'').decode('utf-8', 'replace')
+
+
+def write_tfrecords_from_webdataset(
+    pattern: str, output_dir: str, *,
+    image_ext: str = webdataset.DEFAULTS['webdataset_image_ext'],
+    text_ext: str = webdataset.DEFAULTS['webdataset_text_ext'],
+    json_caption: str = webdataset.DEFAULTS['webdataset_json_caption'],
+    examples_per_shard: int = 10_000, jpeg_quality: int = 95) -> dict:
+  """Writes the samples of webdataset tar shards (a folder, glob or brace list) as TFRecord
+  shards; samples without an image or a caption are skipped and counted. Returns as
+  `write_tfrecords`."""
+  items = _webdataset_items(pattern, image_ext, text_ext, json_caption)
+  return _write(items, output_dir, examples_per_shard=examples_per_shard,
+                jpeg_quality=jpeg_quality)
+
+
+def _write(items, output_dir: str, *, examples_per_shard: int, jpeg_quality: int) -> dict:
+  """Writes (url, read_image () -> bytes or None, caption) items as shards."""
   tf = tf_setup.configure_tensorflow()
   if examples_per_shard < 1:
     raise ValueError(f'--examples_per_shard={examples_per_shard}: must be >= 1.')
@@ -86,16 +146,17 @@ def write_tfrecords(pairs: Iterable[tuple[str, str]], images_dir: str, output_di
   digits = len(str(examples_per_shard - 1))
   stats = dict(shards=[], written=0, skipped_image=0, skipped_caption=0)
   writer = None
-  for file, caption in pairs:
+  for path, read_image, caption in items:
     caption = caption.strip()
     if not caption:
       stats['skipped_caption'] += 1
       continue
-    path = os.path.join(images_dir, file)
     try:
-      with tf.io.gfile.GFile(path, 'rb') as f:
-        jpeg, width, height = _as_jpeg(f.read(), jpeg_quality)
-    except (tf.errors.OpError, OSError) as e:
+      data = read_image()
+      if data is None:
+        raise ValueError('no image member')
+      jpeg, width, height = _as_jpeg(data, jpeg_quality)
+    except (tf.errors.OpError, OSError, ValueError) as e:
       logging.warning('Skipping %s: %s', path, getattr(e, 'message', e))
       stats['skipped_image'] += 1
       continue
@@ -116,22 +177,39 @@ def write_tfrecords(pairs: Iterable[tuple[str, str]], images_dir: str, output_di
 def _define_flags():
   flags.DEFINE_string('images_dir', None, 'Folder of the images.')
   flags.DEFINE_string('captions', None, 'Captions file: .tsv / .csv with a header, or .jsonl.')
+  flags.DEFINE_string('webdataset', None, 'Instead of --images_dir and --captions: webdataset '
+                      'tar shards, a folder of .tar files or a glob / brace list.')
+  flags.DEFINE_string('image_ext', webdataset.DEFAULTS['webdataset_image_ext'],
+                      '--webdataset: image member extensions, the first present wins.')
+  flags.DEFINE_string('text_ext', webdataset.DEFAULTS['webdataset_text_ext'],
+                      '--webdataset: caption member extensions.')
+  flags.DEFINE_string('json_caption', webdataset.DEFAULTS['webdataset_json_caption'],
+                      '--webdataset: key of the .json holding the caption when no caption '
+                      'member is present.')
   flags.DEFINE_string('output_dir', None, 'Folder of the TFRecord shards to write.')
   flags.DEFINE_string('file_column', 'file', 'Column / key of the image file name.')
   flags.DEFINE_string('caption_column', 'caption', 'Column / key of the caption.')
   flags.DEFINE_integer('examples_per_shard', 10_000, 'Records per shard.')
   flags.DEFINE_integer('jpeg_quality', 95, 'Quality of non-JPEG images re-encoded as JPEG.')
-  flags.mark_flags_as_required(['images_dir', 'captions', 'output_dir'])
+  flags.mark_flags_as_required(['output_dir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   options = flags.FLAGS
-  pairs = read_captions(options.captions, options.file_column, options.caption_column)
-  stats = write_tfrecords(pairs, options.images_dir, options.output_dir,
-                          examples_per_shard=options.examples_per_shard,
-                          jpeg_quality=options.jpeg_quality)
+  sizes = dict(examples_per_shard=options.examples_per_shard, jpeg_quality=options.jpeg_quality)
+  if options.webdataset:
+    if options.images_dir or options.captions:
+      raise app.UsageError('Give either --webdataset or --images_dir and --captions.')
+    stats = write_tfrecords_from_webdataset(
+        options.webdataset, options.output_dir, image_ext=options.image_ext,
+        text_ext=options.text_ext, json_caption=options.json_caption, **sizes)
+  else:
+    if not options.images_dir or not options.captions:
+      raise app.UsageError('Give --images_dir and --captions (or --webdataset).')
+    pairs = read_captions(options.captions, options.file_column, options.caption_column)
+    stats = write_tfrecords(pairs, options.images_dir, options.output_dir, **sizes)
   print(f"Wrote {stats['written']} records in {len(stats['shards'])} shards to "
         f"{options.output_dir}; skipped {stats['skipped_image']} undecodable images and "
         f"{stats['skipped_caption']} empty captions.")

@@ -322,18 +322,6 @@ def test_tokenizer_cli_from_a_config(data, tmp_path):
   assert tokenizer_lib.Tokenizer(str(output), 8).vocab_size == 64
 
 
-def test_prefetch_to_device_keeps_order_and_runs_ahead():
-  put_calls = []
-
-  def put(x):
-    put_calls.append(x)
-    return x * 10
-
-  stream = pipeline.prefetch_to_device(iter(range(5)), put, size=2)
-  assert next(stream) == 0 and put_calls == [0, 1, 2]
-  assert list(stream) == [10, 20, 30, 40] and put_calls == [0, 1, 2, 3, 4]
-
-
 # --- Two training steps from each source (the real train entry point). --------------------------
 
 

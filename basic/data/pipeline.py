@@ -27,9 +27,8 @@ warning) and counted in `dropped`; the run goes on. Configuration errors fail wh
 is created (`check_source`): an unknown source, a pattern that matches nothing, an unknown TFDS
 name or split, a feature key the data does not have.
 """
-import collections
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from absl import logging
 import numpy as np
@@ -247,23 +246,6 @@ def caption_stream(config, n: int) -> Iterator[str]:
   skipped. No image is decoded.
   """
   return source_of(config).captions(config, n)
-
-
-def prefetch_to_device(iterator: Iterable[Any], put: Callable[[Any], Any],
-                       size: int = 2) -> Iterator[Any]:
-  """Yields put(batch) for each batch, keeping `size` batches put ahead.
-
-  `put` starts the host-to-device copy (e.g. `lambda b: sharding.global_batch(b, mesh)`, which
-  returns at once: JAX transfers asynchronously), so the next batches are on their way to the
-  devices while the current step runs. size=0 puts each batch only when it is needed.
-  """
-  queue = collections.deque()
-  for batch in iterator:
-    queue.append(put(batch))
-    if len(queue) > size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
 
 
 def make_zeroshot_data(config, tokenizer=None, split: str = 'heldout') -> dict[str, Any]:

@@ -12,7 +12,6 @@ appends) the section `## CLIPA token reduction` of that markdown file.
 """
 import os
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -84,7 +83,7 @@ def _train_step_timer(config):
 
 
 def clipa_bench(command):
-  """Measures, prints and (--out) writes the section `## CLIPA token reduction`."""
+  """Measures; -> the section `## CLIPA token reduction`."""
   n, repeats, rounds = FLAGS.clipa_batch_size, FLAGS.clipa_repeats, FLAGS.clipa_rounds
   load_before = common.load_average()
   timers = []   # Every case compiled first: (name, image timer or None, step timer, applied).
@@ -110,8 +109,7 @@ def clipa_bench(command):
           for name, image, _, applied in timers]
   for row in rows:
     print(row)
-  common.publish(clipa_section(command, rows, baseline_rounds, load_before,
-                               common.load_average()))
+  return clipa_section(command, rows, baseline_rounds, load_before, common.load_average())
 
 
 def clipa_section(command, rows, baseline_rounds, load_before, load_after):
@@ -157,11 +155,5 @@ def clipa_section(command, rows, baseline_rounds, load_before, load_after):
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  clipa_bench(common.command(MODULE))
-
-
 if __name__ == '__main__':
-  app.run(main)
+  common.run(MODULE, clipa_bench)

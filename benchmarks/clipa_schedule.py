@@ -18,7 +18,6 @@ import os
 import statistics
 import time
 
-from absl import app
 from absl import flags
 import jax
 
@@ -168,7 +167,7 @@ def _clipa_schedule_seed(directory, seed, plan):
 
 
 def clipa_schedule_bench(command):
-  """Runs, prints and (--out) writes the section `## CLIPA schedule vs full tokens at equal
+  """Runs; -> the section `## CLIPA schedule vs full tokens at equal
   time`."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from basic import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -262,14 +261,8 @@ def clipa_schedule_bench(command):
   lines += ['', f'Mean held-out top-1 over {len(runs)} seed(s): full tokens '
             f'{mean(full_top1):.3f}, CLIPA {mean(clipa_top1):.3f}: **{winner}** wins at this '
             f'budget. CLIPA against full tokens, {per_seed}.']
-  common.publish('\n'.join(lines) + '\n')
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  clipa_schedule_bench(common.command(MODULE))
+  return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(MODULE, clipa_schedule_bench)

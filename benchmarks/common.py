@@ -7,6 +7,7 @@ import statistics
 import sys
 import time
 
+from absl import app
 from absl import flags
 
 _OUT = flags.DEFINE_string('out', None, 'Markdown file whose section of this benchmark is '
@@ -35,6 +36,18 @@ def publish(section: str):
   print(section)
   if _OUT.value:
     write_section(_OUT.value, section.split('\n', 1)[0], section)
+
+
+def run(module: str, section_fn):
+  """The command line of benchmark `module` (`python -m benchmarks.NAME [--flags]`): parses the
+  flags, then publishes `section_fn(command)`, its markdown section (None: nothing to publish)."""
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    section = section_fn(command(module))
+    if section is not None:
+      publish(section)
+  app.run(main)
 
 
 def niceness() -> str:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 
@@ -180,16 +179,14 @@ def report(timing, points, command):
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+def gradcache_section(command):
+  """The section `## gradcache` ((b) first, before this process grows); None in worker mode."""
   if FLAGS.worker:
     worker()
-    return
+    return None
   points = [peak_rss(int(n)) for n in FLAGS.rss_batch_sizes]
-  timing = time_ratio()
-  common.publish(report(timing, points, common.command(MODULE)))
+  return report(time_ratio(), points, command)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(MODULE, gradcache_section)

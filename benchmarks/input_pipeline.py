@@ -13,7 +13,6 @@ markdown file.
 import os
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -107,7 +106,7 @@ def _input_cases():
 
 
 def input_bench(command):
-  """Measures, prints and (--out) writes the section `## Input pipeline`."""
+  """Measures; -> the section `## Input pipeline`."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from basic import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   cores = os.cpu_count()
@@ -157,14 +156,8 @@ def input_bench(command):
       f"The tiny config's train step (batch 256, 32 px, both cores) consumes {tiny_rate:.0f} "
       'images/s measured right after, on the same machine (median of 20 steps).',
   ]
-  common.publish('\n'.join(lines) + '\n')
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  input_bench(common.command(MODULE))
+  return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(MODULE, input_bench)

@@ -15,7 +15,6 @@ if __name__ == '__main__':   # Fake CPU devices, before JAX is imported.
   common.fake_cpu_devices(common.argv_int(sys.argv, 'loss_devices', 512))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -101,11 +100,5 @@ def memory_section(command, r):
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  common.publish(memory_section(common.command(MODULE), memory_rows()))
-
-
 if __name__ == '__main__':
-  app.run(main)
+  common.run(MODULE, lambda command: memory_section(command, memory_rows()))

@@ -21,7 +21,6 @@ fixed unit vectors with u . v = 0.3, and rho bisected so that the float64 loss a
 0.01 is about 1.5, the difficulty of a trained model's batch (a larger rho separates the pairs
 more; at d = 1024 an uncalibrated rho = 0.6 gives a loss of 0 and errors that say nothing).
 """
-from absl import app
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,11 +146,5 @@ def precision_section(command, rows):
   return '\n'.join(lines) + '\n'
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  common.publish(precision_section(common.command(MODULE), precision_rows()))
-
-
 if __name__ == '__main__':
-  app.run(main)
+  common.run(MODULE, lambda command: precision_section(command, precision_rows()))

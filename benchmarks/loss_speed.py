@@ -14,7 +14,6 @@ if __name__ == '__main__':   # Fake CPU devices, before JAX is imported.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import time
 
-from absl import app
 from absl import flags
 import jax
 from jax.sharding import NamedSharding
@@ -71,11 +70,5 @@ def speed_section(command, r):
       f"| sharded | {r['sharded']:.3f} | {r['sharded'] / r['replicated']:.3f} |"]) + '\n'
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  common.publish(speed_section(common.command(MODULE), speed_rows()))
-
-
 if __name__ == '__main__':
-  app.run(main)
+  common.run(MODULE, lambda command: speed_section(command, speed_rows()))

@@ -1,9 +1,10 @@
-r"""Trains a dual encoder: `python -m basic.train --config=configs/tiny.py --workdir=DIR`.
+r"""Trains a dual encoder: `train_and_evaluate(config, workdir)`, a flag-free library.
 
-Any config field can be overridden, e.g. `--config.total_steps=50 --config.batch_size=128`.
-Running the same command again resumes from the latest checkpoint in `DIR/checkpoints`.
-Writes `DIR/metrics.jsonl` (one JSON object per logged step), TensorBoard events in `DIR`, and
-checkpoints; evaluates zero-shot every `eval_every_steps` and at the end.
+The command line, `python -m basic.train --config=configs/tiny.py --workdir=DIR`, is basic.main's
+(flags, console, exit status); this module's entry point runs it. Running the same command again
+resumes from the latest checkpoint in `DIR/checkpoints`. Writes `DIR/metrics.jsonl` (one JSON
+object per logged step), TensorBoard events in `DIR`, and checkpoints; evaluates every
+`eval_every_steps` and at the end.
 """
 import contextlib
 import signal
@@ -11,8 +12,6 @@ import threading
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
 from absl import logging
 from clu import periodic_actions
 from etils import epath
@@ -20,7 +19,6 @@ from jax.experimental import multihost_utils
 import flax
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import optax
 
@@ -33,7 +31,6 @@ from basic import failures
 from basic import gradcache
 from basic import metric_writers
 from basic import models
-from basic import multihost
 from basic import optim
 from basic import sharding
 from basic import tokenizer as tokenizer_lib
@@ -44,20 +41,6 @@ from basic.evaluate import run as evaluate_run
 from basic.models import posemb
 from basic.models import scan
 from basic.models import temperature_from_params
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None,
-                               'Directory for checkpoints and logs (local or gs://bucket/...).')
-_TENSORBOARD_DIR = flags.DEFINE_string(
-    'tensorboard_dir', None, 'TensorBoard event files (default: --workdir).')
-# Multi-process runs on GPU/CPU clusters (TPU pods are detected automatically); see
-# basic/multihost.py and launch/local.py.
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of the jax.distributed coordinator (process 0).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's index.")
-
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient norm became NaN/inf (config.on_nonfinite='stop'); the message names
@@ -556,35 +539,7 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _WORKDIR.value is None:
-    raise app.UsageError('--workdir is required.')
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/tiny.py.')
 
-  def run():
-    multihost.initialize(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-        heartbeat_timeout_s=config_lib.failure_field(config, 'distributed_heartbeat_timeout_s'),
-        peer_poll_s=config_lib.failure_field(config, 'peer_poll_s'))
-    logging.info('JAX devices: %s; process %d of %d.', jax.devices(), jax.process_index(),
-                 jax.process_count())
-    results = train_and_evaluate(config, _WORKDIR.value, tensorboard_dir=_TENSORBOARD_DIR.value)
-    if results:
-      print(' '.join(f'{k}={v:.4f}' for k, v in sorted(results.items())))
-    delay = config_lib.failure_field(config, 'debug_finish_delay_s')
-    if delay and jax.process_index() == 0:
-      time.sleep(delay)    # Fault injection: process 0 finishes late.
-    multihost.shutdown()   # Every process leaves together, before the teardown watchdog.
-
-  # Any exception: logged, then the process exits non-zero within config.shutdown_timeout_s,
-  # and the other processes of the run exit too (basic.failures).
-  failures.run_main(run, timeout_s=config_lib.failure_field(config, 'shutdown_timeout_s'),
-                    process_index=jax.process_index, exit_on_success=True)
-
-
-if __name__ == '__main__':
-  app.run(main)
+if __name__ == '__main__':   # `python -m basic.train`: the command line lives in basic.main.
+  from basic import main as main_lib  # pylint: disable=g-import-not-at-top
+  main_lib.run()

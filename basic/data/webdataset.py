@@ -619,7 +619,11 @@ def validate(config):
 
 def check(config, *, process_index: int = 0, process_count: int = 1) -> HostShards:
   """This host's shards, the pattern and extensions checked (errors name config.data.*)."""
-  return host_shards(config.data, process_index, process_count)
+  host = host_shards(config.data, process_index, process_count)
+  logging.info('Process %d of %d reads %d shard(s)%s of %s.', process_index, process_count,
+               len(host.files), (f', keeping sample {host.shard_index} of every '
+                                 f'{host.shard_count}') if host.shard_count > 1 else '', host.name)
+  return host
 
 
 def batches(config, host: HostShards, *, start_step: int, start_position: int,

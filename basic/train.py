@@ -349,6 +349,87 @@ def check_resume_tokenizer(ckpt, step, tokenizer, config):
         'one (empty model_path in a workdir that holds it, or the same file).')
 
 
+class TrainLoop:
+  """The training loop's state and its periodic actions (log, save, evaluate), for
+  `train_and_evaluate`'s loop.
+
+  Attributes:
+    state: the TrainState (the loop assigns each step's new state).
+    step: the number of finished steps.
+    rng: the base rng of the steps (saved with each checkpoint).
+    skipped: non-finite updates skipped so far (config.on_nonfinite='skip').
+    last_good: the newest checkpoint step written (or restored), None before the first.
+  """
+
+  def __init__(self, config, *, state, rng, skipped: int, last_good, ckpt, writer, train_iter,
+               tokenizer, evaluator, mesh, step_model_flops, peak_flops):
+    self.config, self.state, self.rng = config, state, rng
+    self.step, self.skipped, self.last_good = int(state.step), skipped, last_good
+    self._ckpt, self._writer, self._train_iter = ckpt, writer, train_iter
+    self._tokenizer, self._evaluator, self._mesh = tokenizer, evaluator, mesh
+    self._step_model_flops, self._peak_flops = step_model_flops, peak_flops
+    self._pending = []   # (step, non-finite flag) of the steps not checked yet.
+    self._window = []    # The metrics of the steps since the last log.
+    self._window_start, self._window_first_step = time.perf_counter(), self.step
+
+  def finished_step(self, metrics) -> int:
+    """Records a finished step's metrics (device arrays, not waited for); -> the step count."""
+    self.step += 1
+    self._pending.append((self.step, metrics['train/nonfinite']))
+    self._window.append(metrics)
+    return self.step
+
+  def check_finite(self):
+    """Checks the pending steps' non-finite flags: raises at the first non-finite step
+    (on_nonfinite='stop'), or counts them (on_nonfinite='skip')."""
+    bad = [s for s, flag in self._pending if int(flag)]
+    self._pending.clear()
+    if bad and self.config.on_nonfinite == 'skip':
+      self.skipped += len(bad)
+      logging.warning('Non-finite loss or gradient at steps %s: updates skipped (%d so far).',
+                      bad, self.skipped)
+    elif bad:
+      self._ckpt.wait()
+      where = (f'the last good checkpoint is step {self.last_good} in {self._ckpt.directory}'
+               if self.last_good is not None else 'no checkpoint was written yet')
+      raise NonFiniteLossError(f'Non-finite loss or gradient norm at step {bad[0]}; {where}.')
+
+  def log(self):
+    """Writes the mean metrics of the steps since the last log, throughput and MFU."""
+    self.check_finite()
+    window = jax.device_get(self._window)
+    scalars = {k: float(np.nanmean([m[k] for m in window]))
+               if any(np.isfinite(m[k]) for m in window) else float('nan')
+               for k in window[0] if k != 'train/nonfinite'}
+    steps, elapsed = self.step - self._window_first_step, time.perf_counter() - self._window_start
+    scalars['train/images_per_sec'] = steps * self.config.batch_size / elapsed
+    scalars.update(flops_lib.mfu(self._step_model_flops, steps, elapsed, self._mesh.devices.size,
+                                 self._peak_flops))
+    scalars['train/nonfinite_skipped'] = self.skipped
+    scalars['data/dropped'] = int(checkpoint_lib.gather_host_values(
+        [self._train_iter.state()['dropped']]).sum())
+    self._writer.write_scalars(self.step, scalars)
+    self._window = []
+    self._window_start, self._window_first_step = time.perf_counter(), self.step
+
+  def save(self):
+    """Starts saving the current step: state, config, input-stream cursor, rng, tokenizer."""
+    self.check_finite()
+    data = checkpoint_lib.stream_item(self._train_iter.state(), nonfinite_skipped=int(self.skipped),
+                                      rng=np.asarray(jax.random.key_data(self.rng)).tolist())
+    self._ckpt.save(self.step, self.state, self.config, data=data,
+                    tokenizer_model=self._tokenizer.serialized_model,
+                    tokenizer_kind=self._tokenizer.kind)
+    self.last_good = self.step
+
+  def evaluate(self) -> dict:
+    """The config's evaluators on the current parameters, written at the current step."""
+    results = self._evaluator(self.state.params, self._tokenizer, step=self.step)
+    if results:
+      self._writer.write_scalars(self.step, results)
+    return results
+
+
 class _Run:
   """The resources of a run that an exception must shut down, in order (train_and_evaluate)."""
 
@@ -455,84 +536,37 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
   raise_at = config_lib.failure_field(config, 'debug_raise_at_step')
   raise_here = config_lib.failure_field(config, 'debug_raise_process') in (-1, jax.process_index())
 
-  def run_eval(step):
-    """The config's evaluators (synthetic zero-shot, config.eval.tasks) on the current state."""
-    results = evaluator(state.params, tokenizer, step=step)
-    if results:
-      writer.write_scalars(step, results)
-    return results
-
-  def check_finite(pending):
-    """Empties `pending` (step, nonfinite flag) pairs: raises at the first non-finite step
-    (on_nonfinite='stop'), or counts them (on_nonfinite='skip')."""
-    nonlocal skipped
-    bad = [s for s, flag in pending if int(flag)]
-    pending.clear()
-    if bad and config.on_nonfinite == 'skip':
-      skipped += len(bad)
-      logging.warning('Non-finite loss or gradient at steps %s: updates skipped (%d so far).',
-                      bad, skipped)
-    elif bad:
-      ckpt.wait()
-      where = (f'the last good checkpoint is step {last_good} in {ckpt.directory}'
-               if last_good is not None else 'no checkpoint was written yet')
-      raise NonFiniteLossError(f'Non-finite loss or gradient norm at step {bad[0]}; {where}.')
-
-  def save(step):
-    nonlocal last_good
-    check_finite(pending)
-    data = checkpoint_lib.stream_item(train_iter.state(), nonfinite_skipped=int(skipped),
-                                      rng=np.asarray(jax.random.key_data(rng)).tolist())
-    ckpt.save(step, state, config, data=data,
-              tokenizer_model=tokenizer.serialized_model, tokenizer_kind=tokenizer.kind)
-    last_good = step
-
+  loop = TrainLoop(config, state=state, rng=rng, skipped=skipped, last_good=last_good,
+                   ckpt=ckpt, writer=writer, train_iter=train_iter, tokenizer=tokenizer,
+                   evaluator=evaluator, mesh=mesh, step_model_flops=step_model_flops,
+                   peak_flops=peak_flops)
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
-  pending, window = [], []
   results = {}
-  step = start_step
-  window_start, window_first_step = time.perf_counter(), step
   with PreemptionWatch() as preemption:
-    while step < config.total_steps:
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+    while loop.step < config.total_steps:
+      with jax.profiler.StepTraceAnnotation('train', step_num=loop.step):
         batch = sharding.global_batch(next(train_iter), mesh)
-        if step + 1 == raise_at and raise_here:   # Fault injection (tests of crash handling).
+        if loop.step + 1 == raise_at and raise_here:   # Fault injection (crash handling tests).
           raise RuntimeError(f'config.debug_raise_at_step={raise_at}: injected failure at step '
-                             f'{step + 1} on process {jax.process_index()}.')
-        state, metrics = train_step(state, batch, rng)
-      step += 1
-      pending.append((step, metrics['train/nonfinite']))
-      window.append(metrics)
+                             f'{loop.step + 1} on process {jax.process_index()}.')
+        loop.state, metrics = train_step(loop.state, batch, loop.rng)
+      step = loop.finished_step(metrics)
       report(step)
       preempted = preemption.should_stop(step)
       is_last = step == config.total_steps or preempted
       if step % config.log_every_steps == 0 or is_last:
-        check_finite(pending)
-        window = jax.device_get(window)
-        scalars = {k: float(np.nanmean([m[k] for m in window]))
-                   if any(np.isfinite(m[k]) for m in window) else float('nan')
-                   for k in window[0] if k != 'train/nonfinite'}
-        elapsed = time.perf_counter() - window_start
-        scalars['train/images_per_sec'] = (step - window_first_step) * config.batch_size / elapsed
-        scalars.update(flops_lib.mfu(step_model_flops, step - window_first_step, elapsed,
-                                     mesh.devices.size, peak_flops))
-        scalars['train/nonfinite_skipped'] = skipped
-        scalars['data/dropped'] = int(checkpoint_lib.gather_host_values(
-            [train_iter.state()['dropped']]).sum())
-        writer.write_scalars(step, scalars)
-        window = []
-        window_start, window_first_step = time.perf_counter(), step
+        loop.log()
       if step % config.checkpoint_every_steps == 0 or is_last:
-        save(step)
+        loop.save()
       if preempted:
         logging.warning('Preempted: saved step %d in %s; rerun the same command to resume.',
                         step, ckpt.directory)
         break
       if step % config.eval_every_steps == 0 or is_last:
-        results = run_eval(step)
+        results = loop.evaluate()
   if start_step == config.total_steps:  # Already finished: evaluate the restored state.
-    results = run_eval(step)
+    results = loop.evaluate()
   ckpt.wait()
   ckpt.close()
   writer.close()   # Everything that writes is closed here: `main` exits without a teardown.

@@ -14,7 +14,6 @@ from basic import optim
 from basic import tokenizer as tokenizer_lib
 from basic import models
 
-LOSSES = ('softmax', 'sigmoid')
 
 
 class ConfigError(ValueError):
@@ -96,8 +95,8 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if m % num_data_devices:
     _fail('microbatch_size', m,
           f'not divisible by the number of data-parallel devices ({num_data_devices}).')
-  if _choice(config, 'loss', LOSSES) == 'sigmoid':
-    _get(config, 'model.bias_init')
+  from basic import losses  # pylint: disable=g-import-not-at-top
+  losses.validate(config)   # config.loss: a registered loss, and its own fields (basic.losses).
   if _int(config, 'loss_chunk_size', -1) == -1:
     _positive(config, 'loss_chunk_budget_mib')
   for field, choices in (('loss_sharding', ('sharded', 'replicated')),
@@ -122,7 +121,8 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
 
   from basic.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.validate(config)   # config.data: the common fields and the source's (basic.data).
-  _validate_eval(config, num_processes, num_data_devices)
+  from basic import evaluate  # pylint: disable=g-import-not-at-top
+  evaluate.validate(config, num_processes=num_processes, num_data_devices=num_data_devices)
 
   _validate_model(config)
 
@@ -241,59 +241,6 @@ def check_range(config, field, low, high, *, high_open=False):
           f'{"<" if high_open else "<="} {high}.')
 
 
-def _validate_eval(config, num_processes: int, num_data_devices: int):
-  """config.eval: zeroshot (bool) and tasks, named TFDS evaluation tasks (basic/evaluate/tasks.py).
-
-  Only the config is checked here; data sets, splits, features and data files are checked when a
-  task runs (basic/evaluate/datasets.py), with errors naming the same fields.
-  """
-  from basic.evaluate import metadata  # pylint: disable=g-import-not-at-top
-  from basic.evaluate import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-  if not isinstance(_get(config, 'eval.zeroshot'), bool):
-    _fail('eval.zeroshot', config.eval.zeroshot, 'must be True or False.')
-  tasks = config.eval.get('tasks')
-  if tasks is None:
-    return
-  if not isinstance(tasks, ml_collections.ConfigDict):
-    _fail('eval.tasks', tasks, 'must be a ConfigDict of named tasks.')
-  known = {'class_names': metadata.CLASS_NAMES, 'templates': metadata.TEMPLATES,
-           'subset': metadata.SUBSETS}
-  for name, task in tasks.items():
-    prefix = f'eval.tasks.{name}'
-    if not re.fullmatch(r'[A-Za-z][A-Za-z0-9_-]*', name) or name == 'zeroshot':
-      _fail(prefix, name, "task names must match [A-Za-z][A-Za-z0-9_-]* and differ from "
-            "'zeroshot' (the synthetic evaluation's metric prefix).")
-    if not isinstance(task, ml_collections.ConfigDict):
-      _fail(prefix, task, 'must be a ConfigDict (basic.evaluate.tasks.zeroshot_task / '
-            'retrieval_task).')
-    kind = _choice(config, f'{prefix}.kind', tasks_lib.KINDS)
-    text = ['tfds_name', 'split', 'image_key']
-    text += ['label_key', 'templates'] if kind == 'zeroshot' else ['caption_key']
-    for field in text + ['data_dir'] + (['class_names', 'subset'] if kind == 'zeroshot' else []):
-      value = _get(config, f'{prefix}.{field}')
-      if not isinstance(value, str):
-        _fail(f'{prefix}.{field}', value, 'must be a string.')
-      if field in text and not value:
-        _fail(f'{prefix}.{field}', value, 'must not be empty.')
-      if field in known and value and value not in known[field] and not metadata.is_path(value):
-        _fail(f'{prefix}.{field}', value, f'must be one of {sorted(known[field])} or a path to '
-              'a text file (one entry per line).')
-    batch = _int(config, f'{prefix}.batch_size', 0) or config.microbatch_size
-    if batch % num_processes or batch % num_data_devices:
-      _fail(f'{prefix}.batch_size', task.batch_size,
-            f'the evaluation batch ({batch}; 0 = config.microbatch_size) must be divisible by '
-            f'the number of processes ({num_processes}) and of data-parallel devices '
-            f'({num_data_devices}).')
-    if _int(config, f'{prefix}.max_examples', 0) and '[' in task.split:
-      _fail(f'{prefix}.max_examples', task.max_examples,
-            f'cannot be combined with a sliced split ({prefix}.split={task.split!r}); set 0 or '
-            'slice the split only.')
-    ks = _get(config, f'{prefix}.ks')
-    if (not isinstance(ks, (tuple, list)) or not ks or
-        any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks)):
-      _fail(f'{prefix}.ks', ks, 'must be a non-empty tuple of integers >= 1.')
-
-
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
@@ -324,7 +271,7 @@ RESUME_RULES = (
     ('model.*.remat', ALLOWED),        # memory / recomputation only.
     ('model.*', FIXED),                # parameter shapes and the function they compute.
     ('batch_size', FIXED),             # the contrastive task and the stream's step -> examples.
-    ('loss', FIXED),                   # 'sigmoid' adds the bias parameter.
+    ('loss', FIXED),                   # a loss may own parameters ('sigmoid': the bias).
     ('seed', FIXED),
     ('optimizer.name', FIXED),         # optimiser state structure.
     ('optimizer.factored', FIXED),

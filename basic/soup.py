@@ -12,7 +12,7 @@ with the config and tokenizer of the first ingredient, so `basic.inference.load(
     and its last-10% rewind this way).
   greedy: ingredients sorted by the held-out metric, best first; each is added to the soup if the
     metric of the average does not drop (Wortsman et al., Recipe 1). The metric is zero-shot
-    top-1 of the first ingredient's config (`basic.evaluate.zeroshot`).
+    top-1 of the first ingredient's config (`basic.evaluate.synthetic`).
 
 Averaging is done in float64 on the host and cast back to each parameter's dtype.
 """
@@ -75,7 +75,7 @@ def zeroshot_metric(config, tokenizer_model: bytes) -> Callable[[dict], float]:
   from basic import sharding  # pylint: disable=g-import-not-at-top
   from basic.data import pipeline  # pylint: disable=g-import-not-at-top
   from basic.evaluate import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
-  from basic.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
+  from basic.evaluate import synthetic  # pylint: disable=g-import-not-at-top
   from basic import models  # pylint: disable=g-import-not-at-top
   with tempfile.NamedTemporaryFile(suffix='.model', delete=False) as f:
     f.write(tokenizer_model)
@@ -84,7 +84,8 @@ def zeroshot_metric(config, tokenizer_model: bytes) -> Callable[[dict], float]:
   # The soup's parameters live on this process's first device.
   mesh = sharding.make_mesh({'data': 1, 'model': 1}, jax.devices()[:1])
   encoders = encoders_lib.Encoders(model, mesh, config.microbatch_size)
-  return lambda params: zeroshot.evaluate(encoders, params, tokenizer, data)['zeroshot/top1']
+  return lambda params: synthetic.evaluate_data(encoders, params, tokenizer,
+                                                data)['zeroshot/top1']
 
 
 def make_soup(paths: Sequence[str], output: str, method: str = 'uniform',

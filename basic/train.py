@@ -24,11 +24,11 @@ import optax
 
 from basic import checkpoint as checkpoint_lib
 from basic import config_lib
-from basic import contrastive
 from basic import contrastive_sharded
 from basic import flops as flops_lib
 from basic import failures
 from basic import gradcache
+from basic import losses
 from basic import metric_writers
 from basic import models
 from basic import optim
@@ -95,7 +95,8 @@ def loss_chunk_size(config, mesh=None) -> int:
 
 
 def make_loss_fn(config, mesh=None):
-  """-> loss_fn(params, image_emb [N, d], text_emb [N, d]) -> scalar, per `config.loss`.
+  """-> loss_fn(params, image_emb [N, d], text_emb [N, d]) -> scalar: `config.loss`, an entry of
+  the loss registry (basic.losses), in its sharded, chunked or reference form.
 
   The global-batch contrastive loss over all N pairs, as in BASIC. With a mesh of more than one
   device (and config.loss_sharding = 'sharded', the default) the loss is sharded
@@ -115,21 +116,10 @@ def make_loss_fn(config, mesh=None):
                config.batch_size // num_shards, chunk or config.batch_size,
                (chunk or config.batch_size) * config.batch_size * 4 / 2**20, precision)
 
+  loss = losses.make(config, mesh=mesh, axes=axes, chunk_size=chunk, precision=precision)
+
   def loss_fn(params, image_emb, text_emb):
-    temperature = temperature_from_params(params, config)
-    if axes:
-      kw = dict(mesh=mesh, axes=axes, chunk_size=chunk, precision=precision)
-      if config.loss == 'softmax':
-        return contrastive_sharded.softmax_loss(image_emb, text_emb, temperature, **kw)
-      return contrastive_sharded.sigmoid_loss(image_emb, text_emb, temperature, params['bias'],
-                                              **kw)
-    if mesh is not None:
-      image_emb, text_emb = jax.lax.with_sharding_constraint(
-          (image_emb, text_emb), sharding.replicated(mesh))
-    kw = dict(chunk_size=chunk or None, precision=precision)
-    if config.loss == 'softmax':
-      return contrastive.softmax_loss(image_emb, text_emb, temperature, **kw)
-    return contrastive.sigmoid_loss(image_emb, text_emb, temperature, params['bias'], **kw)
+    return loss(image_emb, text_emb, temperature_from_params(params, config), params)
   return loss_fn
 
 

@@ -43,6 +43,7 @@ class Encoders:
       raise ValueError(f'Evaluation batch size {batch_size} is not divisible by the number of '
                        f'processes ({count}) and the data-parallel devices ({data_size}).')
     self.model, self.mesh, self.batch_size = model, mesh, batch_size
+    self.compiled = {}   # Evaluators' jitted functions for this model and batch, by their keys.
     self.local_batch = batch_size // count
     self.replicated = sharding.replicated(mesh)
     self._batch = sharding.batch_sharding(mesh)

@@ -1,4 +1,6 @@
-"""Image-text retrieval (COCO / Flickr30k style: several captions per image), recall@k.
+"""The evaluator 'retrieval': image-text retrieval (COCO / Flickr30k style: several captions per
+image), recall@k, of a TFDS data set (config.eval.tasks.NAME, kind='retrieval'; fields in
+DEFAULTS and basic/evaluate/tasks.py).
 
 image -> text: each image with at least one caption queries all captions; its positives are its
 own captions. text -> image: each caption queries all images; its positive is its image.
@@ -144,3 +146,23 @@ def _max_over_hosts(value: int) -> int:
     return value
   from basic import checkpoint  # pylint: disable=g-import-not-at-top
   return int(checkpoint.gather_host_values([value]).max())
+
+
+# --- The evaluator 'retrieval' (basic.evaluate.EVALUATORS). ---------------------------------------
+
+DEFAULTS = dict(tfds_name='coco_captions', split='test', data_dir='', image_key='image',
+                caption_key='captions/text', max_examples=0, ks=(1, 5, 10))
+
+
+def validate(task, field: str, config):
+  """Config-only checks of a retrieval task; ConfigError naming config.<field>.<x>."""
+  del task
+  from basic import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  evaluate_lib.check_tfds_fields(config, field, ('tfds_name', 'split', 'image_key', 'caption_key'),
+                                 ('data_dir',))
+  evaluate_lib.check_ks(config, f'{field}.ks')
+
+
+def evaluate(name: str, task, encoders, params, tokenizer, config, *, state: dict):
+  del state
+  return evaluate_task(name, task, encoders, params, tokenizer, config)

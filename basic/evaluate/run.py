@@ -1,12 +1,12 @@
-"""Runs the evaluators a config lists: the built-in synthetic zero-shot and config.eval.tasks.
+"""Runs the evaluation tasks a config lists, each by its evaluator (basic.evaluate.EVALUATORS).
 
   results = run_evaluators(config, model, params, tokenizer, step=step)
   # {'zeroshot/top1': ..., 'imagenet/top1': ..., 'coco/i2t_recall@1': ..., ...}
 
 `config.eval.zeroshot` (bool) runs the held-out zero-shot evaluation of the synthetic data set
-(basic/data/synthetic.py, metrics 'zeroshot/*'); every entry NAME of `config.eval.tasks` runs a
-TFDS task (basic/evaluate/tasks.py; metrics 'NAME/*'). During training, keep one `Evaluator` so
-that its jitted functions compile once.
+(evaluator 'synthetic', metrics 'zeroshot/*'); every entry NAME of `config.eval.tasks` runs the
+evaluator its `kind` names (metrics 'NAME/*'). During training, keep one `Evaluator` so that its
+jitted functions compile once.
 """
 import sys
 import time
@@ -21,20 +21,13 @@ from basic import metric_writers
 from basic import models
 from basic import sharding
 from basic import tokenizer as tokenizer_lib
-from basic.data import pipeline
+from basic import evaluate as evaluate_lib
 from basic.data import tf_setup
 from basic.evaluate import encoders as encoders_lib
-from basic.evaluate import retrieval
-from basic.evaluate import zeroshot
 
 # create_writer(start_step=S) drops rows of steps > S from an existing metrics.jsonl (resume);
 # evaluation keeps every row.
 _KEEP_ALL_ROWS = sys.maxsize
-
-
-def _tasks(config) -> dict:
-  tasks = config.eval.get('tasks', None)
-  return dict(tasks.items()) if tasks else {}
 
 
 class Evaluator:
@@ -50,14 +43,13 @@ class Evaluator:
   def __init__(self, config, model, mesh=None):
     self.config, self.model = config, model
     self.mesh = mesh if mesh is not None else sharding.make_mesh(config.mesh)
-    # The synthetic held-out data, made up front: a source without it fails here, before training.
-    self._synthetic = (pipeline.make_zeroshot_data(config) if config.eval.get('zeroshot', False)
-                       else None)
+    self._tasks = evaluate_lib.config_tasks(config)
+    self._states = {name: {} for name in self._tasks}   # Each task's data and caches.
     self._encoders = {}       # batch size -> Encoders
-    self._score_fns = {}      # (batch size, ks) -> jitted zero-shot scorer
-
-  def _batch_size(self, task) -> int:
-    return task.get('batch_size', 0) or self.config.microbatch_size
+    for name, task in self._tasks.items():   # Up front: a task that cannot run fails now.
+      entry = evaluate_lib.EVALUATORS.get(task.kind)
+      if hasattr(entry, 'prepare'):
+        entry.prepare(name, task, config, self._states[name])
 
   def encoders(self, batch_size: int) -> encoders_lib.Encoders:
     if batch_size not in self._encoders:
@@ -75,29 +67,14 @@ class Evaluator:
         params, sharding.param_shardings(params, self.mesh, self.config.get('sharding')))
 
   def __call__(self, params, tokenizer, *, step: Optional[int] = None) -> dict[str, float]:
-    """-> {metric name: value} of every evaluator of the config (same on every host)."""
+    """-> {metric name: value} of every task of the config (same on every host)."""
     results = {}
     params = self.place(params)
-    if self._synthetic is not None:
+    for name, task in self._tasks.items():
       start = time.perf_counter()
-      out = zeroshot.evaluate(self.encoders(self.config.microbatch_size), params, tokenizer,
-                              self._synthetic)
-      _log('zeroshot', step, out, time.perf_counter() - start)
-      results.update(out)
-    for name, task in _tasks(self.config).items():
-      start = time.perf_counter()
-      encoders = self.encoders(self._batch_size(task))
-      if task.kind == 'zeroshot':
-        key = (encoders.batch_size, tuple(task.ks))
-        if key not in self._score_fns:
-          self._score_fns[key] = zeroshot.make_score_fn(encoders, tuple(task.ks))
-        out = zeroshot.evaluate_task(name, task, encoders, params, tokenizer, self.config,
-                                     score_fn=self._score_fns[key])
-      elif task.kind == 'retrieval':
-        out = retrieval.evaluate_task(name, task, encoders, params, tokenizer, self.config)
-      else:
-        raise ValueError(f'config.eval.tasks.{name}.kind={task.kind!r}: must be one of '
-                         "['zeroshot', 'retrieval'].")
+      entry = evaluate_lib.EVALUATORS.get(task.kind)
+      out = entry.evaluate(name, task, self.encoders(evaluate_lib.batch_size(task, self.config)),
+                           params, tokenizer, self.config, state=self._states[name])
       _log(name, step, out, time.perf_counter() - start)
       results.update(out)
     return results
@@ -112,8 +89,8 @@ def _log(name: str, step: Optional[int], results: dict, seconds: float):
 
 def run_evaluators(config, model, params, tokenizer, *, step: Optional[int] = None,
                    mesh=None) -> dict[str, float]:
-  """Runs the synthetic zero-shot evaluation (if config.eval.zeroshot) and every task of
-  config.eval.tasks once; -> {metric name: value}. See `Evaluator` to evaluate repeatedly."""
+  """Runs every task of the config once (the synthetic zero-shot if config.eval.zeroshot, and
+  config.eval.tasks); -> {metric name: value}. See `Evaluator` to evaluate repeatedly."""
   return Evaluator(config, model, mesh)(params, tokenizer, step=step)
 
 

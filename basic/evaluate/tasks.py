@@ -1,9 +1,12 @@
-"""Evaluation task configs: `config.eval.tasks.NAME = zeroshot_task(...)` or `retrieval_task(...)`.
+"""Evaluation task configs: `config.eval.tasks.NAME = task(kind, ...)`, `zeroshot_task(...)` or
+`retrieval_task(...)`.
 
-Each task is a ConfigDict of its own; its results are logged as `NAME/top1`, `NAME/top5` (zero-shot)
-or `NAME/i2t_recall@1`, `NAME/t2i_recall@5`, ... (retrieval). Fields:
+Each task is a ConfigDict of its own, filled from its evaluator's DEFAULTS (basic.evaluate
+.EVALUATORS; the evaluator's module documents its fields); its results are logged as `NAME/top1`,
+`NAME/top5` (zero-shot) or `NAME/i2t_recall@1`, `NAME/t2i_recall@5`, ... (retrieval). Fields of
+the built-in evaluators:
 
-  kind          'zeroshot' | 'retrieval'.
+  kind          the evaluator: 'zeroshot' | 'retrieval' | any registered one.
   tfds_name     a prepared TFDS data set: 'name', 'name/config' or 'name:version' (nothing is
                 downloaded: `tfds build NAME --data_dir=DIR` first).
   split         its split ('validation', 'test', 'train[:1000]', ...).
@@ -32,27 +35,25 @@ Feature keys may be '/'-joined paths into nested features for every *_key field.
 """
 import ml_collections
 
-KINDS = ('zeroshot', 'retrieval')
+def task(kind: str, **overrides) -> ml_collections.ConfigDict:
+  """A task of evaluator `kind`: {'kind': kind, 'batch_size': 0, **its DEFAULTS, **overrides}."""
+  from basic import evaluate  # pylint: disable=g-import-not-at-top
+  fields = dict(kind=kind, batch_size=0, **getattr(evaluate.EVALUATORS.get(kind), 'DEFAULTS', {}))
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f'{unknown}: not fields of a {kind!r} task; its fields: {sorted(fields)}.')
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
 
 
 def zeroshot_task(**overrides) -> ml_collections.ConfigDict:
   """A zero-shot classification task (ImageNet-1k validation by default)."""
-  task = ml_collections.ConfigDict(dict(
-      kind='zeroshot', tfds_name='imagenet2012', split='validation', data_dir='',
-      image_key='image', label_key='label', class_names='imagenet1k', templates='clip80',
-      subset='', batch_size=0, max_examples=0, ks=(1, 5)))
-  task.update(overrides)
-  return task
+  return task('zeroshot', **overrides)
 
 
 def retrieval_task(**overrides) -> ml_collections.ConfigDict:
   """An image-text retrieval task (COCO captions test split by default)."""
-  task = ml_collections.ConfigDict(dict(
-      kind='retrieval', tfds_name='coco_captions', split='test', data_dir='',
-      image_key='image', caption_key='captions/text', batch_size=0, max_examples=0,
-      ks=(1, 5, 10)))
-  task.update(overrides)
-  return task
+  return task('retrieval', **overrides)
 
 
 def imagenet_suite(data_dir: str = '', batch_size: int = 0) -> ml_collections.ConfigDict:

@@ -3,9 +3,10 @@
 Per class, the template embeddings are averaged and re-normalised (CLIP's prompt ensembling);
 images are classified by cosine similarity against all classes.
 
-`evaluate` scores in-memory data (the synthetic held-out split); `evaluate_task` scores a TFDS
-data set named by a config task (config.eval.tasks, kind='zeroshot'), with its class names,
-templates and an optional class subset (ImageNet-A / -R), on the devices of a mesh.
+The evaluator 'zeroshot' (basic.evaluate.EVALUATORS): `evaluate` scores a TFDS data set named by
+a config task (config.eval.tasks.NAME, kind='zeroshot'; fields in DEFAULTS and
+basic/evaluate/tasks.py), with its class names, templates and an optional class subset
+(ImageNet-A / -R), on the devices of a mesh. basic/evaluate/synthetic.py scores in-memory data.
 """
 from typing import Sequence
 
@@ -25,18 +26,6 @@ def class_embeddings(encoders, params, tokenizer, class_names: Sequence[str],
   return ranking.class_embeddings(
       lambda prompts: encoders.same_texts(params, tokenizer.encode(prompts)), class_names,
       templates)
-
-
-def evaluate(encoders, params, tokenizer, data: dict) -> dict:
-  """Zero-shot top-1/top-5 on in-memory `data` (images, labels, class_names, templates), the
-  same on every host (the synthetic held-out split); each host encodes its share of every
-  global batch on the mesh of `encoders` (`basic.evaluate.encoders.Encoders`)."""
-  classes = class_embeddings(encoders, params, tokenizer, data['class_names'], data['templates'])
-  images = encoders.same_images(params, data['images'])
-  acc = ranking.topk_accuracy(images @ classes.T, data['labels'], ks=(1, 5))
-  return {'zeroshot/top1': acc[1], 'zeroshot/top5': acc[5],
-          'zeroshot/num_classes': float(len(data['class_names'])),
-          'zeroshot/num_images': float(len(data['labels']))}
 
 
 # --- Zero-shot classification of a TFDS data set (config.eval.tasks, kind='zeroshot'). ----------
@@ -141,3 +130,38 @@ def evaluate_task(task_name: str, task, encoders, params, tokenizer, config,
   results[f'{task_name}/num_images'] = float(num_images)
   results[f'{task_name}/num_classes'] = float(allowed.sum())
   return results
+
+
+# --- The evaluator 'zeroshot' (basic.evaluate.EVALUATORS). ----------------------------------------
+
+DEFAULTS = dict(tfds_name='imagenet2012', split='validation', data_dir='', image_key='image',
+                label_key='label', class_names='imagenet1k', templates='clip80', subset='',
+                max_examples=0, ks=(1, 5))
+
+
+def validate(task, field: str, config):
+  """Config-only checks of a zero-shot task; ConfigError naming config.<field>.<x>."""
+  del task
+  from basic import config_lib  # pylint: disable=g-import-not-at-top
+  from basic import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  evaluate_lib.check_tfds_fields(
+      config, field, ('tfds_name', 'split', 'image_key', 'label_key', 'templates'),
+      ('data_dir', 'class_names', 'subset'))
+  known = {'class_names': metadata.CLASS_NAMES, 'templates': metadata.TEMPLATES,
+           'subset': metadata.SUBSETS}
+  for name, choices in known.items():
+    value = config_lib.get_field(config, f'{field}.{name}')
+    if value and value not in choices and not metadata.is_path(value):
+      config_lib.fail(f'{field}.{name}', value, f'must be one of {sorted(choices)} or a path to '
+                      'a text file (one entry per line).')
+  evaluate_lib.check_ks(config, f'{field}.ks')
+
+
+def evaluate(name: str, task, encoders, params, tokenizer, config, *, state: dict):
+  """`evaluate_task` with its scorer compiled once per batch size and ks (encoders.compiled)."""
+  del state
+  key = ('zeroshot.score', tuple(task.ks))
+  if key not in encoders.compiled:
+    encoders.compiled[key] = make_score_fn(encoders, tuple(task.ks))
+  return evaluate_task(name, task, encoders, params, tokenizer, config,
+                       score_fn=encoders.compiled[key])

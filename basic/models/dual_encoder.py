@@ -7,12 +7,14 @@ encode_text: int32 token ids [B, L] -> L2-normalised embeddings [B, embed_dim].
 `config.model.image.name` and `config.model.text.name` (the registries of basic.models), each from
 its config passed straight through: `Model(**cfg less name, dtype=DTYPES[config.model.dtype])`.
 `build(config)` is the DualEncoder of a whole experiment config: the data's normalisation of
-uint8 images (`config.data.mean/std`) and the scalar parameters the loss owns (`loss_params`).
+uint8 images (`config.data.mean/std`) and the scalar parameters the loss owns
+(`basic.losses.extra_params`, from the entry of `config.loss`).
 
 The temperature is stored as its log (`log_temperature`), initialised at
 `config.model.temperature_init` and clipped below at `config.model.temperature_min`, as CLIP
 clips its logit scale at 100. `extra_params` ((name, init value), ...) adds scalar float32
-parameters a loss owns, e.g. SigLIP's learnable logit bias ('bias', config.model.bias_init).
+parameters a loss owns at the top level, e.g. SigLIP's learnable logit bias ('bias',
+config.model.bias_init).
 """
 import dataclasses
 from typing import Any, Sequence
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from basic import losses
 from basic.models import IMAGE_TOWERS
 from basic.models import TEXT_TOWERS
 
@@ -130,18 +133,10 @@ class DualEncoder(nn.Module):
     return self.encode_image(images, train=train), self.encode_text(tokens, train=train)
 
 
-def loss_params(config) -> tuple[tuple[str, float], ...]:
-  """The scalar parameters `config.loss` owns, ((name, init value), ...): SigLIP's logit bias
-  for 'sigmoid' (initialised at config.model.bias_init), none for 'softmax'."""
-  if config.loss == 'sigmoid':
-    return (('bias', float(config.model.bias_init)),)
-  return ()
-
-
 def build(config: Any) -> DualEncoder:
   """The DualEncoder of an experiment config (its model, data normalisation and loss)."""
   return DualEncoder(config.model, mean=tuple(config.data.mean), std=tuple(config.data.std),
-                     extra_params=loss_params(config))
+                     extra_params=losses.extra_params(config))
 
 
 def temperature_from_params(params, config):

@@ -16,8 +16,10 @@ Three things a plan and the train loop need:
   them) and T(X) the true cost. C(body) comes from the same module re-parsed with the body as
   its entry computation; the entry's C is `compiled.cost_analysis()` itself. trip(w) is the
   `known_trip_count` XLA:CPU annotates, else read off the loop's condition, `i < C` with i a
-  tuple element that starts at a constant (the form every `lax.scan` / `fori_loop` lowers to);
-  a loop whose trip count cannot be read is counted once and listed in 'unresolved_loops'.
+  tuple element that starts at a constant s and that the body raises by a constant k (the form
+  every `lax.scan` / `fori_loop` lowers to; k > 1 where the TPU compiler unrolled the body k
+  times): ceil((C - s) / k). A loop whose trip count cannot be read is counted once and listed
+  in 'unresolved_loops'.
   Loop conditions are not multiplied (a compare per iteration).
 
 * `model_flops(config, params, ...)` -> FLOPs of the model's maths for one step of N =
@@ -188,12 +190,52 @@ def _constant(defs, name, depth=0) -> Optional[int]:
   return None
 
 
+def _induction_step(body_lines, index: int) -> Optional[int]:
+  """What one pass of a loop body adds to its tuple element `index` (the loop counter): the
+  body's ROOT tuple element `index` must be the parameter's element `index` plus constants
+  (a chain of adds, through copies), else None. A body that XLA unrolled k-fold (TPU loop
+  double-buffering) adds k."""
+  defs = _defs(body_lines)
+  root = next((l for l in body_lines if l.lstrip().startswith('ROOT')), None)
+  rm = _DEF_RE.match(root) if root else None
+  if not rm or rm.group(3) != 'tuple':
+    return None
+  elements = _operands(rm.group(4))
+  if index >= len(elements):
+    return None
+  name, step = elements[index], 0
+  for _ in range(64):
+    if name not in defs:
+      return None
+    op, args = defs[name]
+    ops = _operands(args)
+    if op == 'get-tuple-element':
+      m = re.search(r'index=(\d+)', args)
+      is_param = ops and ops[0] in defs and defs[ops[0]][0] == 'parameter'
+      return step if is_param and m and int(m.group(1)) == index else None
+    if op in ('copy', 'bitcast', 'convert') and ops:
+      name = ops[0]
+    elif op == 'add' and len(ops) == 2:
+      values = [_constant(defs, o) for o in ops]
+      if values[0] is not None and values[1] is None:
+        step, name = step + values[0], ops[1]
+      elif values[1] is not None and values[0] is None:
+        step, name = step + values[1], ops[0]
+      else:
+        return None
+    else:
+      return None
+  return None
+
+
 def _trip_count(comps, caller_lines, while_line) -> Optional[int]:
-  """Trip count of a while loop: XLA's known_trip_count, else `i < C` with i from a constant."""
+  """Trip count of a while loop: XLA's known_trip_count, else `i < C` (or `C > i`) with i a
+  tuple element that starts at a constant s and that each pass of the body raises by a
+  constant k > 0: ceil((C - s) / k). None when any of that cannot be read."""
   m = _TRIP_RE.search(while_line)
   if m:
     return int(m.group(1))
-  init_name, cond, _ = _WHILE_RE.search(while_line).groups()
+  init_name, cond, body = _WHILE_RE.search(while_line).groups()
   cond_defs = _defs(comps.get(cond, []))
   root = next((l for l in comps.get(cond, []) if l.lstrip().startswith('ROOT')), None)
   if root is None:
@@ -216,9 +258,10 @@ def _trip_count(comps, caller_lines, while_line) -> Optional[int]:
     return None
   elements = _operands(caller_defs[init_name][1])
   start = _constant(caller_defs, elements[index]) if index < len(elements) else None
-  if start is None:
+  step = _induction_step(comps.get(body, []), index)
+  if start is None or step is None or step <= 0:
     return None
-  return max(0, limit - start)
+  return max(0, -(-(limit - start) // step))
 
 
 def _reachable_whiles(comps, name, seen=None):

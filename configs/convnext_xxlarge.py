@@ -33,9 +33,8 @@ and its Adam moments over the 256 GPUs; `config.sharding.rules` split the ConvNe
 text Transformer over 'model' when model > 1. Remat 'full' in every block of both towers (the
 card's `--grad-checkpointing`). `python -m basic.plan` (BENCHMARKS.md, "ConvNeXt-XXLarge plan")
 estimates the per-device memory of this step. A TPU v4-512 slice (256 chips, 32 GiB each) runs
-the same mesh and microbatch: the TPU compiler's plan (`python -m basic.plan --topology=v4:8x8x4`
-with `--config.model.{image,text}.scan_layers=True`; BENCHMARKS.md "TPU compiler plans") needs
-9.34 GiB per chip, 71% headroom.
+the same mesh and microbatch: the TPU compiler's plan (`python -m basic.plan --topology=v4:8x8x4`,
+layers scanned; BENCHMARKS.md "TPU compiler plans") needs 9.34 GiB per chip, 71% headroom.
 """
 from basic import config_defaults
 from basic import models
@@ -86,9 +85,9 @@ def get_config(arg=None):
   config.model.image.variant = 'convnext_xxlarge'  # Card: timm convnext_xxlarge image tower.
   config.model.image.drop_path = 0.1    # Card: SD (0.1), image tower only (json timm_drop_path).
   config.model.image.remat = 'full'     # Card: --grad-checkpointing.
-  # False: tests/test_convnext.py reads the card's GMACs from XLA's cost analysis, which counts a
-  # scanned (while-loop) body once. --config.model.image.scan_layers=True (and text) scans.
-  config.model.image.scan_layers = False
+  # (CHOICE) One nn.scan over each stage's blocks after its first (basic.models.scan): the same
+  # parameters, stacked; compile time and compiler memory independent of depth.
+  config.model.image.scan_layers = True
 
   config.model.text = config_defaults.tower('transformer', kind='text')
   config.model.text.vocab_size = 49408  # OpenCLIP convnext_xxlarge.json: vocab_size 49408,
@@ -104,7 +103,7 @@ def get_config(arg=None):
   config.model.text.norm_eps = 1e-5      # OpenCLIP LayerNorm = torch default eps 1e-5.
   config.model.text.dropout = 0.0
   config.model.text.remat = 'full'       # Card: --grad-checkpointing (both towers).
-  config.model.text.scan_layers = False  # As the image tower.
+  config.model.text.scan_layers = True   # (CHOICE) As the image tower.
 
   config.optimizer.name = 'adamw'       # OpenCLIP default --opt adamw.
   config.optimizer.learning_rate = 1e-3  # Card: --lr 1e-3.

@@ -12,10 +12,7 @@ import numpy as np
 import pytest
 
 from basic import metric_writers
-from basic import optim
-from basic import sharding
 from basic import train
-from basic.models import build as build_model
 import config_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,12 +63,10 @@ def test_rerun_after_finish_and_extension_resume(tmp_path):
 
 
 def test_loss_decreases_on_fixed_batch():
-  config = small_config()
+  config = small_config(total_steps=100)
   config.optimizer.warmup_steps = 0
   config.optimizer.learning_rate = 1e-3
-  model = build_model(config)
-  tx, schedule = optim.make_optimizer(config.optimizer, 100)
-  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  model, tx, schedule, state, _ = train.init_training(config)
   step = jax.jit(train.make_train_step(config, model, tx, schedule))
   rs = np.random.RandomState(0)
   batch = {'image': jnp.asarray(rs.randint(0, 256, (32, 32, 32, 3)), jnp.uint8),
@@ -100,9 +95,7 @@ def _params_after(config, steps):
   """Parameters after `steps` train steps on the pipeline's first batches."""
   from basic import tokenizer as tokenizer_lib
   from basic.data import pipeline
-  model = build_model(config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  model, tx, schedule, state, _ = train.init_training(config)
   step = jax.jit(train.make_train_step(config, model, tx, schedule))
   tokenizer = tokenizer_lib.Tokenizer.from_config(
       config.tokenizer, _shared_tokenizer(config), config.data.text_length)
@@ -118,9 +111,7 @@ def _raw_gradients(config):
   from basic import gradcache
   from basic import tokenizer as tokenizer_lib
   from basic.data import pipeline
-  model = build_model(config)
-  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
-  state, _ = train.create_train_state(config, model, tx, sharding.make_mesh(config.mesh))
+  model, _, _, state, _ = train.init_training(config)
   tokenizer = tokenizer_lib.Tokenizer.from_config(
       config.tokenizer, _shared_tokenizer(config), config.data.text_length)
   batch = next(pipeline.make_train_iterator(config, tokenizer))

@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+import basic.data
 from basic import models
 from basic.models import renames
 
@@ -176,15 +177,10 @@ def _data() -> ml_collections.ConfigDict:
   data.augment.erasing_prob = 0.0           # random erasing (uint8 noise), e.g. 0.25.
   data.augment.erasing_scale = (0.02, 1 / 3)  # ... area fraction of the rectangle,
   data.augment.erasing_ratio = (0.3, 3.3)     # ... its aspect ratio h / w.
-  # The sources' own fields (as configs/tiny.py had them; each source's DEFAULTS once the data
-  # sources are a registry).
+  # Each source's fields (basic/data/<source>.py DEFAULTS; the record sources share theirs).
   tree = _plain(data)
-  tree.update(
-      synthetic={'seed': 0, 'num_heldout': 10, 'eval_per_class': 50},
-      tfds_name='', tfds_split='train', data_dir='',   # TFDS: data set, split, data dir.
-      tfrecord_pattern='',                             # TFRecord: glob(s) of shards.
-      image_key='', text_key='',     # Feature names; '' = the source's default.
-      seed=0, shuffle_buffer=10_000, cycle_length=16, cache=False)   # Record streams.
+  for name in basic.data.SOURCES.names():
+    tree = _under(tree, getattr(basic.data.SOURCES.get(name), 'DEFAULTS', {}))
   return ml_collections.ConfigDict(tree)
 
 

@@ -21,9 +21,7 @@ def get_config(arg=None):
   if not arg.path:
     raise ValueError('configs/from_checkpoint.py needs the checkpoint: '
                      '--config=configs/from_checkpoint.py:path=DIR.')
-  directory, step = checkpoint_lib.find_step_dir(arg.path)
-  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
-  config = ckpt.restore_config(step)
-  ckpt.close()
+  with checkpoint_lib.open_step(arg.path, field='configs/from_checkpoint.py:path') as (ckpt, step):
+    config = ckpt.restore_config(step)   # Filled: fields added since at their defaults.
   config.init_from = arg.path
   return config

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from basic import checkpoint as checkpoint_lib
+from basic import config_lib
 from basic import optim
 from basic import sharding
 from basic import train
@@ -95,3 +96,7 @@ def test_old_checkpoint_restores_state_params_and_config(tmp_path):
       None, 'model')
   shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
   assert shapes(_state(saved).params) == shapes(state.params)
+  # Resuming it with the current config: only the (allowed) sharding rules differ.
+  diff = config_lib.resume_diff(saved, config)
+  assert [field for field, _, _ in diff['allowed']] == ['sharding.rules']
+  assert not diff['added'] and not diff['removed']

@@ -43,7 +43,7 @@ Every block can be rematerialised with a `basic.models.transformer.REMAT_POLICIE
 With `scan_layers`, the blocks after each stage's first (downsampling) one run as one `nn.scan`
 over stacked parameters: 'stage3_block00' stays, 'stage3_block01'.. become 'stage3_block_scan'.
 """
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax

@@ -70,9 +70,8 @@ def validate(config):
       config_lib.fail(field, value, 'must have 3 entries (RGB).')
   if min(config.data.std) <= 0:
     config_lib.fail('data.std', config.data.std, 'entries must be > 0.')
-  if 'text_mask' in config.data:   # CLIPA text token reduction (optional).
-    config_lib.check_choice(config, 'data.text_mask.kind', text_mask.KINDS)
-    config_lib.check_int(config, 'data.text_mask.length', 0)
+  config_lib.check_choice(config, 'data.text_mask.kind', text_mask.KINDS)   # CLIPA.
+  config_lib.check_int(config, 'data.text_mask.length', 0)
   config_lib.check_int(config, 'data.threads', 0)
   config_lib.check_int(config, 'data.prefetch', 0)
   config_lib.check_str(config, 'data.resize_method')
@@ -120,9 +119,8 @@ def _tokenize_fn(config, tokenizer, process_index: int, process_count: int):
   """-> fn(captions [B], position) -> int32 [B, L]: text masking (config.data.text_mask), then
   tokenisation. Masking randomness is stateless from (data seed, host, the batch's position)."""
   tf = tf_setup.configure_tensorflow()
-  mask = config.data.get('text_mask', None)
-  kind = mask.kind if mask is not None else 'none'
-  seed = config.data.get('seed', 0)
+  mask = config.data.text_mask
+  kind, seed = mask.kind, config.data.seed
 
   def tokenize(captions, position):
     if kind != 'none':

@@ -49,16 +49,15 @@ def config_tasks(config) -> dict:
   """{name: task} of the config: config.eval.zeroshot's, then config.eval.tasks in order."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   out = {}
-  if config.eval.get('zeroshot', False):
+  if config.eval.zeroshot:
     out[SYNTHETIC_TASK] = ml_collections.ConfigDict({'kind': 'synthetic', 'batch_size': 0})
-  tasks = config.eval.get('tasks', None)
-  out.update(tasks.items() if tasks else {})
+  out.update(config.eval.tasks.items())
   return out
 
 
 def batch_size(task, config) -> int:
-  """The task's global evaluation batch: task.batch_size, 0 (or absent) = config.microbatch_size."""
-  return task.get('batch_size', 0) or config.microbatch_size
+  """The task's global evaluation batch: task.batch_size, 0 = config.microbatch_size."""
+  return task.batch_size or config.microbatch_size
 
 
 def validate(config, *, num_processes: int = 1, num_data_devices: int = 1):
@@ -67,9 +66,7 @@ def validate(config, *, num_processes: int = 1, num_data_devices: int = 1):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from basic import config_lib  # pylint: disable=g-import-not-at-top
   config_lib.check_bool(config, 'eval.zeroshot')
-  tasks = config.eval.get('tasks')
-  if tasks is None:
-    return
+  tasks = config_lib.get_field(config, 'eval.tasks')
   if not isinstance(tasks, ml_collections.ConfigDict):
     config_lib.fail('eval.tasks', tasks, 'must be a ConfigDict of named tasks.')
   for name, task in tasks.items():

@@ -82,9 +82,8 @@ def evaluate_task(task_name: str, task, encoders, params, tokenizer,
   first_id = sum(counts[:index])          # Global image ids: hosts' splits are contiguous.
   ds = datasets.examples(builder, split, task.image_key, config.data.image_size,
                          extra={'captions': task.caption_key},
-                         resize_method=config.data.get('resize_method', 'bilinear'),
-                         antialias=config.data.get('antialias', True),
-                         threads=config.data.get('threads', 0))
+                         resize_method=config.data.resize_method,
+                         antialias=config.data.antialias, threads=config.data.threads)
   tf = tf_setup.configure_tensorflow()
   ds = ds.enumerate().map(sources.plain(lambda i, ex: {  # captions: string [n], one caption or several.
       'image': ex['image'], 'captions': tf.reshape(ex['captions'], [-1]), 'id': first_id + i}))

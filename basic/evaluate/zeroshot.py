@@ -105,9 +105,8 @@ def evaluate_task(task_name: str, task, encoders, params, tokenizer, config,
                                       jax.process_count())
   ds = datasets.examples(builder, split, task.image_key, config.data.image_size,
                          extra={'label': task.label_key},
-                         resize_method=config.data.get('resize_method', 'bilinear'),
-                         antialias=config.data.get('antialias', True),
-                         threads=config.data.get('threads', 0))
+                         resize_method=config.data.resize_method,
+                         antialias=config.data.antialias, threads=config.data.threads)
   local = encoders.local_batch
   batches = ds.batch(local).prefetch(2).as_numpy_iterator()
   score_fn = score_fn or make_score_fn(encoders, tuple(task.ks))

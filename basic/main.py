@@ -8,7 +8,8 @@ from the latest checkpoint in `DIR/checkpoints`.
 The console. By default it shows basic's own lines (progress with steps/s and ETA, the logged
 metrics, one line per evaluation and per checkpoint save) and every warning and error from
 anywhere; the INFO chatter of libraries (orbax's save internals, absl, JAX, TensorFlow's Python
-side) is dropped from the console. `--verbosity=1` (absl's flag; `-v 1`) shows everything.
+side) is dropped from the console. Giving absl's `--verbosity` flag turns that filter off:
+`--verbosity=0` shows every library's INFO lines as before, `--verbosity=1` adds debug lines.
 TensorFlow's C++ start-up lines, printed before any Python logging is set up, are not affected.
 """
 import logging as py_logging
@@ -58,9 +59,9 @@ class ConsoleFilter(py_logging.Filter):
 
 
 def quiet_libraries():
-  """Installs `ConsoleFilter` on absl's handler, unless --verbosity asks for more than INFO
-  (absl's flag, default 0): then every library's lines are shown as before."""
-  if flags.FLAGS['verbosity'].value > 0:
+  """Installs `ConsoleFilter` on absl's handler, unless absl's --verbosity flag was given on the
+  command line: then absl's level alone decides, and every library's lines show as before."""
+  if flags.FLAGS['verbosity'].present:
     return
   handler = logging.get_absl_handler()
   if not any(isinstance(f, ConsoleFilter) for f in handler.filters):

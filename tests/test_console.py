@@ -28,29 +28,23 @@ def test_console_filter_keeps_basic_progress_and_warnings_drops_library_info():
   assert keep(_record(orbax, logging.ERROR))
 
 
-def test_verbosity_turns_the_filter_off():
+def test_giving_verbosity_turns_the_filter_off():
   handler = absl_logging.get_absl_handler()
-  was_parsed = flags.FLAGS.is_parsed()
-  if not was_parsed:
-    flags.FLAGS(['prog'], known_only=True)
-  before = list(handler.filters)
+  verbosity = flags.FLAGS['verbosity']
+  before, present = list(handler.filters), verbosity.present
   try:
-    flags.FLAGS.verbosity = 1
+    verbosity.present = 1     # --verbosity=0 given: every library's INFO lines, as before.
     main.quiet_libraries()
     assert not any(isinstance(f, main.ConsoleFilter) for f in handler.filters)
-    flags.FLAGS.verbosity = 0
-    if not was_parsed:
-      flags.FLAGS.unparse_flags()
+    verbosity.present = 0     # Not given: the filter.
     main.quiet_libraries()
-    main.quiet_libraries()   # Idempotent.
+    main.quiet_libraries()    # Idempotent.
     assert sum(isinstance(f, main.ConsoleFilter) for f in handler.filters) == 1
   finally:
     for f in list(handler.filters):
       if f not in before:
         handler.removeFilter(f)
-    flags.FLAGS.verbosity = 0
-    if not was_parsed:
-      flags.FLAGS.unparse_flags()
+    verbosity.present = present
 
 
 def test_console_writer_logs_training_rows_without_progress_keys(monkeypatch):

@@ -57,12 +57,12 @@ class TrainState:
 def loss_axes(config, mesh=None) -> tuple:
   """The mesh axes the contrastive loss's rows are split over; () = not sharded.
 
-  With config.loss_sharding == 'sharded' (absent = 'sharded') and a mesh of more than one
+  With config.loss_sharding == 'sharded' and a mesh of more than one
   device: 'data' first, then the other axes of size > 1 in mesh order, as long as their device
   count divides config.batch_size (else 'data' alone). The embeddings arrive split over 'data'
   and replicated over the other axes, so splitting their rows further is a local slice.
   """
-  if mesh is None or config.get('loss_sharding', 'sharded') == 'replicated':
+  if mesh is None or config.loss_sharding == 'replicated':
     return ()
   names = [a for a in mesh.axis_names if mesh.shape[a] > 1]
   axes = tuple(sorted(names, key=lambda a: a != sharding.DATA_AXIS))
@@ -108,7 +108,7 @@ def make_loss_fn(config, mesh=None):
   """
   axes = loss_axes(config, mesh)
   chunk = loss_chunk_size(config, mesh)
-  precision = config.get('loss_precision', 'highest')
+  precision = config.loss_precision
   num_shards = contrastive_sharded.num_shards(mesh, axes)
   logging.info('Loss: %s over %s, %d rows per device in blocks of c=%d (c x N = %.1f MiB float32'
                '), precision %s.', config.loss,

@@ -70,8 +70,8 @@ def test_checkpoint_describes_itself(trained_run):
   config, workdir = trained_run
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), read_only=True)
   assert ckpt.all_steps() == [3, 6]
-  assert ckpt.restore_config(6).to_dict() == json.loads(json.dumps(config.to_dict(),
-                                                                   default=list))
+  as_json = lambda c: json.loads(json.dumps(c.to_dict(), default=list))   # tuples -> lists.
+  assert as_json(ckpt.restore_config(6)) == as_json(config)
   with open(os.path.join(workdir, 'tokenizer', 'spm.model'), 'rb') as f:
     assert ckpt.restore_tokenizer(6) == f.read()
   data = ckpt.restore_data(6)
@@ -366,7 +366,7 @@ def test_gcs_train_interrupted_resumed_equals_uninterrupted_local_run(gcs_emulat
   first = read()   # A fresh process, as on a new VM: finds the latest step on its own.
   assert first['directory'] == workdir + '/checkpoints'
   assert first['step'] == 4 and first['steps'] == [2, 4] and first['embed_dim'] == 64
-  assert first['tokenizer_bytes'] > 1000 and first['positions'][0] > 0
+  assert first['tokenizer_bytes'] > 1000 and len(first['positions']) == 1   # Its stream cursor.
   assert sorted(map(int, first['losses'])) == [1, 2, 3, 4]
   assert glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*'))
   resumed = run()   # Resumes from gs://.../checkpoints/4.

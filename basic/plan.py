@@ -127,13 +127,14 @@ import jax.numpy as jnp
 from basic import config_lib
 from basic import contrastive_sharded
 from basic import flops as flops_lib
+from basic import main as _main  # pylint: disable=unused-import  (defines --config)
 from basic import models
 from basic import optim
 from basic import sharding
 from basic import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# --config (and its --config.* overrides) is the flag basic.train defines on import.
+# --config (and its --config.* overrides) is the flag basic.main defines on import.
 _DEVICES = flags.DEFINE_integer('devices', 1, 'Number of (fake CPU) devices to plan for.')
 _TOPOLOGY = flags.DEFINE_string(
     'topology', '', "A TPU topology to compile for with the TPU compiler (libtpu), e.g. "

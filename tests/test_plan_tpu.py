@@ -18,6 +18,7 @@ from basic import optim
 from basic import plan
 from basic import train
 from basic.models import build as build_model
+from configs import basic_l
 from configs import tiny
 import config_helpers
 
@@ -209,6 +210,35 @@ def test_scanned_step_flops_equal_unrolled_tpu():
   forward and remat'd backward) nested in the gradient-cache loops (4 trips), beside the loss's
   loops. Slow: ~2.5 min on a loaded 2-core machine."""
   _check_scanned_vs_unrolled(_scanned_vs_unrolled(plan.tpu_devices('v5p:2x2x1')[:1]), rel=0.02)
+
+
+def _basic_l_fsdp_twin(scan):
+  """BASIC-L's small twin with FSDP on a data x model mesh: CoAtNet stages of 1, 3, 1, 3 blocks
+  and a 6-layer text tower (29.6M parameters, every one of >= 1024 elements FSDP-sharded), remat
+  'full', K = 4 microbatches, layers scanned or unrolled."""
+  config = basic_l.get_config('runlocal=True')
+  config.model.image.update(dict(depths=(1, 3, 1, 3), dims=(64, 128, 256, 512), stem_dim=32,
+                                 head_dim=32, drop_path=0.0, remat='full', scan_layers=scan))
+  config.model.text.update(dict(width=512, depth=6, num_heads=8, mlp_dim=2048, remat='full',
+                                scan_layers=scan))
+  config.batch_size, config.microbatch_size, config.loss_chunk_size = 256, 64, 64
+  config.mesh.data, config.mesh.model = -1, 2
+  config.sharding.fsdp, config.sharding.fsdp_min_size = True, 1024
+  return config
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_scanned_fsdp_step_needs_no_more_memory_than_unrolled_tpu():
+  """The TPU compiler's memory of the FSDP twin on 'v5p:2x2x2' (8 chips, data 4 x model 2):
+  scanned <= unrolled + 5% (measured 0.1545 vs 0.2117 GiB per chip, temporaries 0.120 vs
+  0.177). Were the FSDP gathers of the stacked weights hoisted out of the layer scan, every chip
+  would hold whole stacks (the BASIC-L plan once read 45.5 GiB scanned against 6.5 unrolled)."""
+  devices = plan.tpu_devices('v5p:2x2x2')
+  scanned, unrolled = (plan.plan(_basic_l_fsdp_twin(scan), devices) for scan in (True, False))
+  assert scanned['params/total'] == unrolled['params/total'] == 29_578_985
+  assert scanned['mesh'] == {'data': 4, 'model': 2}
+  assert 0 < scanned['memory/total_gib'] <= 1.05 * unrolled['memory/total_gib']
 
 
 def _hand_forward(cfg, n):

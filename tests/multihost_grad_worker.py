@@ -60,8 +60,7 @@ def main(out_path, fields, coordinator=None, num_processes=None, process_id=None
     np.savez(out_path, **out)
   print(f'process {jax.process_index()} of {jax.process_count()}: {len(jax.devices())} devices, '
         f'loss {float(out["loss"]):.6f}, {time.perf_counter() - t0:.1f} s', flush=True)
-  if coordinator:
-    jax.distributed.shutdown()
+  multihost.shutdown()   # Leaves together (a no-op with one process).
 
 
 if __name__ == '__main__':

@@ -35,7 +35,11 @@ def test_load_classifies_heldout_like_training_reported(run):
   ranked = np.argsort(-probs, axis=1)[:, :5]
   top5 = float(np.mean(np.any(ranked == data['labels'][:, None], axis=1)))
   assert top1 == reported['zeroshot/top1'] and top5 == reported['zeroshot/top5']
-  assert top5 > 5 / 48   # better than chance after 8 steps, so the comparison means something.
+  # The comparison means something: after 8 steps the model is not constant (several classes
+  # predicted, probabilities far from uniform), so a wrong load would not match by accident.
+  # (Accuracy after 8 steps depends on the initial draw: top-5 was 0.08 to 0.22 across inits.)
+  assert len(set(probs.argmax(axis=1).tolist())) >= 3
+  assert float(np.ptp(probs, axis=1).mean()) > 1e-3
 
 
 def test_images_of_any_size_and_type_are_preprocessed(run):

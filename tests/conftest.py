@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # torch._dynamo) segfaults on import when TensorFlow was imported before it, as other test
 # modules do; imported first, both load.
 try:
-  import triton  # pylint: disable=g-import-not-at-top,unused-import
+  import triton  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
   pass
 

@@ -65,7 +65,7 @@ try:
   # The triton of CUDA builds of torch (open_clip imports it through torch._dynamo) segfaults
   # when it loads after TensorFlow; loaded first, both work. In a notebook that already imported
   # TensorFlow (e.g. through basic.inference), run the conversion in a fresh process.
-  import triton  # pylint: disable=g-import-not-at-top,unused-import
+  import triton  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
 except ImportError:
   pass
 

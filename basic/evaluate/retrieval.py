@@ -85,7 +85,8 @@ def evaluate_task(task_name: str, task, encoders, params, tokenizer,
                          resize_method=config.data.resize_method,
                          antialias=config.data.antialias, threads=config.data.threads)
   tf = tf_setup.configure_tensorflow()
-  ds = ds.enumerate().map(sources.plain(lambda i, ex: {  # captions: string [n], one caption or several.
+  # captions: string [n], one caption or several.
+  ds = ds.enumerate().map(sources.plain(lambda i, ex: {
       'image': ex['image'], 'captions': tf.reshape(ex['captions'], [-1]), 'id': first_id + i}))
   local = encoders.local_batch
   size = config.data.image_size

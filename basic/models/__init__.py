@@ -34,3 +34,6 @@ from basic.models.dual_encoder import build
 from basic.models.dual_encoder import sharding_rules
 from basic.models.dual_encoder import temperature_from_params
 from basic.models.dual_encoder import tower_fields
+
+__all__ = ['IMAGE_TOWERS', 'TEXT_TOWERS', 'DTYPES', 'DualEncoder', 'build', 'sharding_rules',
+           'temperature_from_params', 'tower_fields']

@@ -34,14 +34,15 @@ PLANNED FOR A POD (CHOICE): a TPU v5p-1024 slice (512 chips, 95 GiB HBM each):
   loss is sharded over the 512 chips (basic/contrastive_sharded.py): each computes its
   128 rows against all 65536 columns, so its block is 128 x 65536 (32 MiB).
 MEASURED with the TPU compiler (`python -m basic.plan --topology=v5p:8x8x8`, layers scanned, loss
-sharded; BENCHMARKS.md "TPU compiler plans"): 45.52 GiB per chip, which fits v5p's 95 GiB with
-52% headroom. The XLA:CPU estimate (`--devices=512`, unscanned; BENCHMARKS.md "BASIC-L plan") was
-58.3 GiB per device, and XLA:CPU does not realise remat. Neither fits v4 (32 GiB) or v5e
-(16 GiB) at this microbatch. Before the
+sharded; BENCHMARKS.md "TPU compiler plans"): 5.08 GiB per chip of v5p's 95 (95% headroom);
+6.00e14 FLOPs per chip per step, 1.55 x the model FLOPs (gradient cache and full remat), a
+roofline step of 1.31 s (FLOPs-bound) and an MFU bound of 0.64. (An earlier plan's 45.52 GiB
+did not reproduce.) The XLA:CPU estimate (`--devices=512`, unscanned; BENCHMARKS.md "BASIC-L
+plan") was 58.3 GiB per device, and XLA:CPU does not realise remat. Before the
 text tower constrained its token-embedding output to the data axis (basic/models/text.py,
 `sharding.constrain_batch`) the same plan was 170.0 GiB: FSDP shards the embedding table's width
 over 'data', the lookup's output inherited that, and every device ran the whole text microbatch.
-For a v4 slice, halve the activations per chip (microbatch 4096, K = 16); not measured.
+Other slices (v4, v5e) with this mesh and microbatch: not planned.
 """
 from basic import config_defaults
 from basic import models

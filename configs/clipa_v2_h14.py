@@ -23,8 +23,10 @@ Position embeddings are fixed 2-D sin-cos for the image (nothing to resize betwe
 336 px) and learned for the text (interpolated 8 -> 32 on load, basic/models/posemb.py).
 Pod (CHOICE, the plan's device count): TPU v3-256 [CLIPA-v2 reports TPU v3 pods], mesh data=-1,
 FSDP for parameters of >= 2^18 elements ([P]: partition_states=True), gradient-cache
-microbatches of 4096 / 1024 / 1024 per stage: the largest power of two whose step the TPU
-compiler fits on a 16 GiB v3 core with >= 10% headroom (python -m basic.plan --topology=v3:8x16).
+microbatches of 4096 / 1024 / 1024 per stage, chosen from a TPU compiler plan that did not
+reproduce: re-planned (python -m basic.plan --topology=v3:8x16; BENCHMARKS.md "TPU compiler
+plans", "Re-planned") they need 0.70 / 0.69 / 0.85 GiB per 16 GiB core (>= 94% headroom), so
+larger microbatches may fit; not re-chosen.
 """
 from basic import config_defaults
 from basic import models
@@ -38,8 +40,8 @@ STAGES = {
         text_mask='syntax',       # [P] noun_tokenize: "syntax sampling".
         mask_ratio=0.0,           # [P] mask_ratio = 0.0.
         batch_size=65536,         # [P] batchsize=65536.
-        # (CHOICE) TPU compiler plan on v3:8x16 (BENCHMARKS.md "TPU compiler plans"): 7.03 GiB
-        # per 16 GiB core (56% headroom); 8192 needs 15.06 GiB (6% headroom).
+        # (CHOICE) TPU compiler plan on v3:8x16 (BENCHMARKS.md "TPU compiler plans"): 0.70 GiB
+        # per 16 GiB core; 6.07e13 FLOPs per core, 1.55 x the model FLOPs; MFU bound 0.48.
         microbatch_size=4096,
         # [P] total_steps = 1281167 * 10000 // 65536: 10,000 "virtual ImageNet epochs",
         # ~12.8B samples.
@@ -53,7 +55,7 @@ STAGES = {
         text_mask='none',
         mask_ratio=0.3,           # [T224] mask_ratio = 0.3 (masking kept in fine-tuning).
         batch_size=32768,         # [T224] batchsize=32768.
-        microbatch_size=1024,     # (CHOICE) 9.85 GiB per core (38%); 2048: 14.49 (9%).
+        microbatch_size=1024,     # (CHOICE) 0.69 GiB per core (plan); MFU bound 0.56.
         total_steps=131072000 * 4 // 32768,    # [T224] 4 x 131M samples: 16,000 steps.
         learning_rate=4e-7 * (32768 // 256),   # [T224] lr = 4e-7 * batch / 256 = 5.12e-5.
         warmup_steps=26214400 // 32768,        # [T224] 26.2M samples of warmup: 800 steps.
@@ -64,7 +66,7 @@ STAGES = {
         text_mask='none',
         mask_ratio=0.4,           # [T336] mask_ratio = 0.4.
         batch_size=16384,         # [T336] batchsize=16384.
-        microbatch_size=1024,     # (CHOICE) 12.88 GiB per core (20%); 2048: 29.2, no fit.
+        microbatch_size=1024,     # (CHOICE) 0.85 GiB per core (plan); MFU bound 0.64.
         total_steps=131072000 // 16384,        # [T336] 131M samples: 8,000 steps.
         learning_rate=1e-7 * (16384 // 256),   # [T336] lr = 1e-7 * batch / 256 = 6.4e-6.
         warmup_steps=26214400 // 16384,        # [T336] 26.2M samples of warmup: 1,600 steps.

@@ -51,15 +51,19 @@ OpenCLIP's `TimmModel` around a timm ConvNeXt (vision_cfg.timm_model_name, e.g. 
 Stages, depths and widths are read from the shapes. Its LayerNorm eps is timm's for the model:
 basic.models.convnext.VARIANTS for timm's convnext_* names (1e-6; convnext_xxlarge 1e-5), or read
 from timm's own model for another registered name; --norm_eps overrides (a custom trunk).
-Every state-dict entry must be used and every parameter found, or the conversion fails naming
-the key. The temperature floor (config.model.temperature_min) is CLIP's 0.01, lowered to the
-checkpoint's temperature if that is below it, so the converted model computes the same logits.
+The mapping is one table, `param_table(arch)`: rows of (OpenCLIP keys and shapes, basic paths,
+the transform to basic and its exact inverse), read forwards here and backwards by
+basic.export.open_clip. Every state-dict entry must be used and every parameter found, or the
+conversion fails naming the key. The temperature floor (config.model.temperature_min) is
+CLIP's 0.01, lowered to the checkpoint's temperature if that is below it, so the converted
+model computes the same logits.
 --scan_layers writes a config whose towers scan their blocks (config.model.*.scan_layers) and
 the parameters in that stacked layout (basic.models.scan.to_layout of the table's layout).
 """
+import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 try:
   # The triton of CUDA builds of torch (open_clip imports it through torch._dynamo) segfaults
@@ -437,125 +441,222 @@ def _text_architecture(reader: _Reader, text: dict) -> dict:
   return arch
 
 
-# --- Parameters. ----------------------------------------------------------------------------------
+# --- Parameters: one table, both ways. ---------------------------------------------------------
 
 
-def _layer_norm(r: _Reader, prefix: str, width: int) -> dict:
-  return {'scale': r.take(f'{prefix}.weight', (width,)), 'bias': r.take(f'{prefix}.bias', (width,))}
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One row of the mapping between OpenCLIP's state dict and basic's DualEncoder params.
+
+  keys, shapes: OpenCLIP state-dict keys and their torch shapes; paths: basic param paths (tuples
+  of names under 'params'). to_basic(*tensors of keys) -> arrays of paths; to_open_clip(*arrays
+  of paths) -> tensors of keys, its inverse. Every inverse is exact (transposes, reshapes, splits,
+  concatenations, negation) but the ViT's class token (see `_class_token`).
+  """
+  keys: tuple
+  shapes: tuple
+  paths: tuple
+  to_basic: Callable
+  to_open_clip: Callable
 
 
-def _dense(r: _Reader, prefix: str, d_in: int, d_out: int) -> dict:
-  return {'kernel': r.take(f'{prefix}.weight', (d_out, d_in)).T,
-          'bias': r.take(f'{prefix}.bias', (d_out,))}
+def _one(key, shape, path, forward=lambda x: x, inverse=lambda x: x) -> Entry:
+  """A one-to-one row: path = forward(key), key = inverse(path)."""
+  return Entry((key,), (tuple(shape),), (tuple(path.split('/')),),
+               lambda x: (forward(x),), lambda x: (inverse(x),))
 
 
-def _encoder(r: _Reader, prefix: str, depth: int, width: int, heads: int, mlp_dim: int,
-             final_norm: str) -> dict:
-  """OpenCLIP's `Transformer` at `prefix` ('visual.transformer') -> basic's `Encoder` params."""
-  head_dim = width // heads
-  out = {}
+def _transpose(key, shape, path) -> Entry:
+  """torch Linear weight [out, in] <-> flax kernel [in, out]: W.T both ways."""
+  return _one(key, shape, path, lambda x: x.T, lambda x: x.T)
+
+
+def _layer_norm(prefix: str, width: int, path: str) -> list:
+  return [_one(f'{prefix}.weight', (width,), f'{path}/scale'),
+          _one(f'{prefix}.bias', (width,), f'{path}/bias')]
+
+
+def _dense(prefix: str, d_in: int, d_out: int, path: str) -> list:
+  return [_transpose(f'{prefix}.weight', (d_out, d_in), f'{path}/kernel'),
+          _one(f'{prefix}.bias', (d_out,), f'{path}/bias')]
+
+
+def _conv(prefix: str, shape: tuple, path: str) -> list:
+  """torch Conv2d [O, I / groups, kh, kw] + bias <-> flax nn.Conv [kh, kw, I / groups, O]:
+  axes (2, 3, 1, 0) one way, (3, 2, 0, 1) back."""
+  return [_one(f'{prefix}.weight', shape, f'{path}/kernel', lambda x: x.transpose(2, 3, 1, 0),
+               lambda x: x.transpose(3, 2, 0, 1)),
+          _one(f'{prefix}.bias', (shape[0],), f'{path}/bias')]
+
+
+def _pointwise(prefix: str, d_in: int, d_out: int, path: str, conv_mlp: bool) -> list:
+  """A Linear, or the 1x1 conv of timm's conv_mlp ConvNeXts ([O, I, 1, 1]) <-> nn.Dense."""
+  if not conv_mlp:
+    return _dense(prefix, d_in, d_out, path)
+  return [_one(f'{prefix}.weight', (d_out, d_in, 1, 1), f'{path}/kernel',
+               lambda x: x[:, :, 0, 0].T, lambda x: x.T[:, :, None, None]),
+          _one(f'{prefix}.bias', (d_out,), f'{path}/bias')]
+
+
+def _attention(p: str, width: int, heads: int, path: str) -> list:
+  """in_proj_weight [3W, W] = (q; k; v) rows <-> {query,key,value}/kernel [W, H, W/H] each
+  (rows j*W..(j+1)*W, transposed, heads split); in_proj_bias [3W] <-> bias [H, W/H];
+  out_proj.weight [W, W] <-> out/kernel [H, W/H, W] (transposed, heads split)."""
+  hd, names = width // heads, ('query', 'key', 'value')
+  return [
+      Entry((f'{p}.in_proj_weight',), ((3 * width, width),),
+            tuple((*path.split('/'), n, 'kernel') for n in names),
+            lambda w: tuple(w[j * width:(j + 1) * width].T.reshape(width, heads, hd)
+                            for j in range(3)),
+            lambda *ks: (np.concatenate([k.reshape(width, width).T for k in ks]),)),
+      Entry((f'{p}.in_proj_bias',), ((3 * width,),),
+            tuple((*path.split('/'), n, 'bias') for n in names),
+            lambda b: tuple(b[j * width:(j + 1) * width].reshape(heads, hd) for j in range(3)),
+            lambda *bs: (np.concatenate([b.reshape(width) for b in bs]),)),
+      _one(f'{p}.out_proj.weight', (width, width), f'{path}/out/kernel',
+           lambda x: x.T.reshape(heads, hd, width), lambda x: x.reshape(width, width).T),
+      _one(f'{p}.out_proj.bias', (width,), f'{path}/out/bias'),
+  ]
+
+
+def _encoder(prefix: str, depth: int, width: int, heads: int, mlp_dim: int, final_norm: str,
+             path: str) -> list:
+  """OpenCLIP's `Transformer` at `prefix` ('visual.transformer') <-> basic's `Encoder`."""
+  rows = []
   for i in range(depth):
-    p = f'{prefix}.resblocks.{i}'
-    qkv = r.take(f'{p}.attn.in_proj_weight', (3 * width, width))
-    qkv_bias = r.take(f'{p}.attn.in_proj_bias', (3 * width,))
-    attn = {name: {'kernel': qkv[j * width:(j + 1) * width].T.reshape(width, heads, head_dim),
-                   'bias': qkv_bias[j * width:(j + 1) * width].reshape(heads, head_dim)}
-            for j, name in enumerate(('query', 'key', 'value'))}
-    attn['out'] = {
-        'kernel': r.take(f'{p}.attn.out_proj.weight', (width, width)).T.reshape(
-            heads, head_dim, width),
-        'bias': r.take(f'{p}.attn.out_proj.bias', (width,))}
-    out[f'block{i:02d}'] = {
-        'ln_attn': _layer_norm(r, f'{p}.ln_1', width), 'attn': attn,
-        'ln_mlp': _layer_norm(r, f'{p}.ln_2', width),
-        'mlp': {'fc1': _dense(r, f'{p}.mlp.c_fc', width, mlp_dim),
-                'fc2': _dense(r, f'{p}.mlp.c_proj', mlp_dim, width)}}
-  out['ln_final'] = _layer_norm(r, final_norm, width)
-  return out
+    p, b = f'{prefix}.resblocks.{i}', f'{path}/block{i:02d}'
+    rows += (_layer_norm(f'{p}.ln_1', width, f'{b}/ln_attn')
+             + _attention(f'{p}.attn', width, heads, f'{b}/attn')
+             + _layer_norm(f'{p}.ln_2', width, f'{b}/ln_mlp')
+             + _dense(f'{p}.mlp.c_fc', width, mlp_dim, f'{b}/mlp/fc1')
+             + _dense(f'{p}.mlp.c_proj', mlp_dim, width, f'{b}/mlp/fc2'))
+  return rows + _layer_norm(final_norm, width, f'{path}/ln_final')
 
 
-def _conv(r: _Reader, prefix: str, shape: tuple) -> dict:
-  """A torch Conv2d [O, I / groups, kh, kw] + bias -> flax nn.Conv [kh, kw, I / groups, O]."""
-  return {'kernel': r.take(f'{prefix}.weight', shape).transpose(2, 3, 1, 0),
-          'bias': r.take(f'{prefix}.bias', (shape[0],))}
+def _class_token(w: int, positions: int) -> Entry:
+  """class_embedding [W], positional_embedding [T + 1, W] <-> image/cls [1, 1, W] =
+  class_embedding + positional_embedding[0], image/pos_embedding [1, T, W] = rows 1..T.
+  basic folds the class token's position into `cls`, so the way back is class_embedding = cls,
+  positional_embedding[0] = 0: the same function (OpenCLIP adds the two), and the same tensors
+  whenever the original positional_embedding[0] was zero; otherwise class_embedding comes back
+  as the float32 sum class_embedding + positional_embedding[0] (exactly what both compute)."""
+  def back(cls, pos):
+    return cls[0, 0], np.concatenate([np.zeros((1, w), pos.dtype), pos[0]])
+  return Entry(('visual.class_embedding', 'visual.positional_embedding'),
+               ((w,), (positions + 1, w)), (('image', 'cls'), ('image', 'pos_embedding')),
+               lambda c, pos: ((c + pos[0])[None, None], pos[None, 1:]), back)
 
 
-def _pointwise(r: _Reader, prefix: str, d_in: int, d_out: int) -> dict:
-  """A Linear, or the 1x1 conv of timm's conv_mlp ConvNeXts ([O, I, 1, 1]) -> nn.Dense."""
-  if len(r.shape(f'{prefix}.weight')) == 4:
-    return {'kernel': r.take(f'{prefix}.weight', (d_out, d_in, 1, 1))[:, :, 0, 0].T,
-            'bias': r.take(f'{prefix}.bias', (d_out,))}
-  return _dense(r, prefix, d_in, d_out)
+def _vit_table(arch: dict) -> list:
+  """OpenCLIP's VisionTransformer at `visual` <-> basic.models.vit.ViT at `image`."""
+  w, p = arch['width'], arch['patch_size']
+  grid = arch['image_size'] // p
+  rows = [_one('visual.conv1.weight', (w, 3, p, p), 'image/embedding/kernel',
+               lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1)),
+          _class_token(w, grid * grid)]
+  if arch['ln_pre']:
+    rows += _layer_norm('visual.ln_pre', w, 'image/ln_pre')
+  rows += _encoder('visual.transformer', arch['depth'], w, arch['num_heads'], arch['mlp_dim'],
+                   'visual.ln_post', 'image/encoder')
+  return rows + [_one('visual.proj', (w, arch['embed_dim']), 'image_proj/kernel')]
 
 
-def _convnext(r: _Reader, arch: dict) -> dict:
-  """timm's ConvNeXt at `visual.trunk` -> basic.models.convnext.ConvNeXt params."""
+def _convnext_table(arch: dict, conv_mlp: bool) -> list:
+  """timm's ConvNeXt at `visual.trunk` (+ OpenCLIP's head.proj) <-> basic.models.convnext."""
   t, dims = 'visual.trunk', arch['dims']
   patch, k = convnext.ConvNeXt.patch_size, convnext.ConvNeXt.kernel_size
   mlp = convnext.ConvNeXt.mlp_ratio
-  out = {'stem_conv': _conv(r, f'{t}.stem.0', (dims[0], 3, patch, patch)),
-         'stem_norm': _layer_norm(r, f'{t}.stem.1', dims[0])}
+  rows = (_conv(f'{t}.stem.0', (dims[0], 3, patch, patch), 'image/stem_conv')
+          + _layer_norm(f'{t}.stem.1', dims[0], 'image/stem_norm'))
   for s, (depth, dim) in enumerate(zip(arch['depths'], dims)):
     p = f'{t}.stages.{s}'
     if s > 0:
-      out[f'stage{s}_downsample_norm'] = _layer_norm(r, f'{p}.downsample.0', dims[s - 1])
-      out[f'stage{s}_downsample_conv'] = _conv(r, f'{p}.downsample.1', (dim, dims[s - 1], 2, 2))
+      rows += (_layer_norm(f'{p}.downsample.0', dims[s - 1], f'image/stage{s}_downsample_norm')
+               + _conv(f'{p}.downsample.1', (dim, dims[s - 1], 2, 2),
+                       f'image/stage{s}_downsample_conv'))
     for i in range(depth):
-      b = f'{p}.blocks.{i}'
-      out[f'stage{s}_block{i:02d}'] = {
-          'conv_dw': _conv(r, f'{b}.conv_dw', (dim, 1, k, k)),
-          'norm': _layer_norm(r, f'{b}.norm', dim),
-          'mlp_fc1': _pointwise(r, f'{b}.mlp.fc1', dim, mlp * dim),
-          'mlp_fc2': _pointwise(r, f'{b}.mlp.fc2', mlp * dim, dim),
-          'gamma': r.take(f'{b}.gamma', (dim,))}
-  out['head_norm'] = _layer_norm(r, f'{t}.head.norm', dims[-1])
-  return out
+      b, q = f'{p}.blocks.{i}', f'image/stage{s}_block{i:02d}'
+      rows += (_conv(f'{b}.conv_dw', (dim, 1, k, k), f'{q}/conv_dw')
+               + _layer_norm(f'{b}.norm', dim, f'{q}/norm')
+               + _pointwise(f'{b}.mlp.fc1', dim, mlp * dim, f'{q}/mlp_fc1', conv_mlp)
+               + _pointwise(f'{b}.mlp.fc2', mlp * dim, dim, f'{q}/mlp_fc2', conv_mlp)
+               + [_one(f'{b}.gamma', (dim,), f'{q}/gamma')])
+  rows += _layer_norm(f'{t}.head.norm', dims[-1], 'image/head_norm')
+  return rows + [_transpose('visual.head.proj.weight', (arch['embed_dim'], dims[-1]),
+                            'image_proj/kernel')]
 
 
-def _vit(r: _Reader, arch: dict) -> dict:
-  """OpenCLIP's VisionTransformer at `visual` -> basic.models.vit.ViT params."""
-  w, p = arch['width'], arch['patch_size']
-  grid = arch['image_size'] // p
-  pos = r.take('visual.positional_embedding', (grid * grid + 1, w))
-  image = {
-      'embedding': {'kernel': r.take('visual.conv1.weight', (w, 3, p, p)).transpose(2, 3, 1, 0)},
-      'cls': (r.take('visual.class_embedding', (w,)) + pos[0])[None, None],
-      'pos_embedding': pos[None, 1:],
-      'encoder': _encoder(r, 'visual.transformer', arch['depth'], w, arch['num_heads'],
-                          arch['mlp_dim'], 'visual.ln_post'),
-  }
-  if arch['ln_pre']:
-    image['ln_pre'] = _layer_norm(r, 'visual.ln_pre', w)
-  return image
+def param_table(arch: dict, *, conv_mlp: bool = False, logit_scale_shape: tuple = (),
+                logit_bias: bool = False) -> list:
+  """The whole mapping, OpenCLIP state dict <-> basic DualEncoder params, as a list of `Entry`.
+
+  arch: `architecture`'s dict (image_tower 'vit' or 'convnext' and the sizes). conv_mlp: timm's
+  1x1-conv MLP blocks. logit_scale_shape: () (OpenCLIP) or (1,); logit_scale = log(1 / T) =
+  -log_temperature, both ways. logit_bias: SigLIP's `logit_bias` <-> `bias` (loss 'sigmoid').
+  """
+  e, tw, length = arch['embed_dim'], arch['text_width'], arch['text_length']
+  rows = (_convnext_table(arch, conv_mlp) if arch['image_tower'] == 'convnext'
+          else _vit_table(arch))
+  rows += [
+      _one('token_embedding.weight', (arch['vocab_size'], tw), 'text/token_embedding/embedding'),
+      _one('positional_embedding', (length, tw), 'text/pos_embedding',
+           lambda x: x[None], lambda x: x[0]),
+  ]
+  rows += _encoder('transformer', arch['text_depth'], tw, arch['text_num_heads'],
+                   arch['text_mlp_dim'], 'ln_final', 'text/encoder')
+  shape = tuple(logit_scale_shape)
+  rows += [_one('text_projection', (tw, e), 'text_proj/kernel'),
+           _one('logit_scale', shape, 'log_temperature', lambda x: -x.reshape(()),
+                lambda x: -np.reshape(x, shape))]
+  if logit_bias:
+    rows.append(_one('logit_bias', shape, 'bias', lambda x: x.reshape(()),
+                     lambda x: np.reshape(x, shape)))
+  return rows
+
+
+def set_path(tree: dict, path: tuple, value):
+  """tree[path[0]][path[1]]... = value, creating dicts on the way."""
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def get_path(tree, path: tuple):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _apply(r: _Reader, rows: list) -> dict:
+  """The params tree of `rows` (`Entry.to_basic`), taking their keys from `r` (shapes checked)."""
+  params = {}
+  for entry in rows:
+    values = entry.to_basic(*(r.take(k, s) for k, s in zip(entry.keys, entry.shapes)))
+    for path, value in zip(entry.paths, values):
+      set_path(params, path, value)
+  return params
+
+
+def _convnext(r: _Reader, arch: dict) -> dict:
+  """timm's ConvNeXt trunk at `visual.trunk` -> basic.models.convnext.ConvNeXt params (the
+  `image` subtree of `param_table`)."""
+  conv_mlp = len(r.shape('visual.trunk.stages.0.blocks.0.mlp.fc1.weight')) == 4
+  rows = [e for e in _convnext_table(arch, conv_mlp) if e.paths[0][0] == 'image']
+  return _apply(r, rows)['image']
 
 
 def convert_params(r: _Reader, arch: dict) -> dict:
-  """The state dict -> basic's DualEncoder params (float32 numpy arrays), per the module
-  docstring's table. Every entry of the state dict must be used."""
-  e, tw, length = arch['embed_dim'], arch['text_width'], arch['text_length']
+  """The state dict -> basic's DualEncoder params (float32 numpy arrays), per `param_table`
+  (the module docstring's table). Every entry of the state dict must be used."""
   if arch['image_tower'] == 'convnext':
-    image = _convnext(r, arch)
-    image_proj = r.take('visual.head.proj.weight', (e, arch['dims'][-1])).T
+    conv_mlp = len(r.shape('visual.trunk.stages.0.blocks.0.mlp.fc1.weight')) == 4
   else:
-    image = _vit(r, arch)
-    image_proj = r.take('visual.proj', (arch['width'], e))
-  text = {
-      'token_embedding': {'embedding': r.take('token_embedding.weight',
-                                              (arch['vocab_size'], tw))},
-      'pos_embedding': r.take('positional_embedding', (length, tw))[None],
-      'encoder': _encoder(r, 'transformer', arch['text_depth'], tw, arch['text_num_heads'],
-                          arch['text_mlp_dim'], 'ln_final'),
-  }
-  logit_scale = r.take('logit_scale', r.shape('logit_scale'))
-  if logit_scale.size != 1:
-    raise ValueError(f"{r.source}: key 'logit_scale' has shape {logit_scale.shape}, expected a "
+    conv_mlp = False
+  scale_shape = r.shape('logit_scale')
+  if int(np.prod(scale_shape)) != 1:
+    raise ValueError(f"{r.source}: key 'logit_scale' has shape {scale_shape}, expected a "
                      'scalar.')
-  params = {
-      'image': image, 'text': text,
-      'image_proj': {'kernel': image_proj},
-      'text_proj': {'kernel': r.take('text_projection', (tw, e))},
-      'log_temperature': -logit_scale.reshape(()),
-  }
+  params = _apply(r, param_table(arch, conv_mlp=conv_mlp, logit_scale_shape=scale_shape))
   unused = sorted(set(r.state) - r.used)
   if unused:
     raise ValueError(f'{r.source}: key {unused[0]!r} (and {len(unused) - 1} more) has no place '

@@ -1,0 +1,1 @@
+"""Exporters of basic checkpoints to other libraries' formats (basic.export.open_clip)."""

@@ -146,7 +146,7 @@ TEXT = dict(text_width=64, text_depth=2, text_num_heads=2, text_mlp_dim=256, tex
 def _basic_checkpoint(path, config, seed: int) -> str:
   """A random basic model of `config`, every parameter perturbed, saved as step 0."""
   size = config.data.image_size
-  params = models.build(config).init(
+  params = jax.jit(models.build(config).init)(    # One compilation, not one per op.
       jax.random.key(seed), np.zeros((1, size, size, 3), np.float32),
       np.zeros((1, config.data.text_length), np.int32))['params']
   rng = np.random.default_rng(seed)
@@ -160,7 +160,8 @@ def _basic_checkpoint(path, config, seed: int) -> str:
   return str(path)
 
 
-def _compare(directory: str, weights: str, cfg_path: str, seed: int) -> dict:
+def _compare(directory: str, weights: str, cfg_path: str, seed: int):
+  """-> the exported OpenCLIP model, after checking its embeddings and logit scale."""
   loaded = inference.load(directory, batch_size=4)
   exported = _load_exported(weights, cfg_path)
   images = _images(loaded.config.data.image_size, seed)
@@ -172,7 +173,7 @@ def _compare(directory: str, weights: str, cfg_path: str, seed: int) -> dict:
   assert np.abs(image @ text.T).max() > 0.1    # Not degenerate embeddings.
   np.testing.assert_allclose(exported.logit_scale.exp().item(), 1 / loaded.temperature,
                              rtol=1e-6)
-  return diffs
+  return exported
 
 
 def test_basic_vit_scanned_exports_to_the_same_embeddings(tmp_path):
@@ -199,9 +200,9 @@ def test_basic_convnext_sigmoid_exports_to_the_same_embeddings_and_bias(tmp_path
   directory = _basic_checkpoint(tmp_path / 'convnext', config, seed=1)
   weights, cfg_path = export_lib.export(directory, str(tmp_path / 'cnx.safetensors'),
                                         timm_model_name='basic_test_convnext')
-  _compare(directory, weights, cfg_path, seed=3)
+  exported = _compare(directory, weights, cfg_path, seed=3)
   bias = checkpoint_lib.Checkpointer(directory, read_only=True).restore_params(0)['bias']
-  assert _load_exported(weights, cfg_path).logit_bias.item() == float(bias) != -10.0
+  assert exported.logit_bias.item() == float(bias) != -10.0
   with pytest.raises(config_lib.ConfigError, match=r'config\.model\.image\.dims=\(16, 32, 64, '
                      r'128\).*--timm_model_name'):
     export_lib.export(directory, str(tmp_path / 'x.safetensors'))

@@ -53,7 +53,7 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.2.0", "gcp-storage-emulator==2026.7.19", "nbclient==0.11.0",
                              "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2",
-                             "pytest-xdist==3.8.0"],
+                             "pytest-xdist==3.8.0", "ruff==0.17.5"],
                     "convert": CONVERT_REQUIRES,
                     "tpu": TPU_REQUIRES},
 )

@@ -44,8 +44,9 @@ shapes, and prints:
                                bound of the step time, ignoring communication and latency; and
                                model FLOPs / (step_s x peak), so an UPPER bound of the MFU.
 
-With --devices=N (no --topology) the estimate is the CPU compiler's; a TPU/GPU compiler schedules differently, so treat it as a
-guide to how the shardings split the state and how big the temporaries of one step are.
+With --devices=N (no --topology) the estimate is the CPU compiler's; a TPU/GPU compiler schedules
+differently, so treat it as a guide to how the shardings split the state and how big the
+temporaries of one step are.
 XLA:CPU does not realise the savings of rematerialisation (`config.model.*.remat`): its
 scheduler computes the recomputed activations early, so the temporaries of a remat'd step are
 about those of the same step without remat, an upper bound (BENCHMARKS.md, "ConvNeXt-XXLarge
@@ -122,12 +123,11 @@ if __name__ == '__main__':
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 from basic import config_lib
 from basic import contrastive_sharded
 from basic import flops as flops_lib
-from basic import main as _main  # pylint: disable=unused-import  (defines --config)
+from basic import main as _main  # noqa: F401  # pylint: disable=unused-import  (defines --config)
 from basic import models
 from basic import optim
 from basic import sharding

@@ -20,7 +20,6 @@ locally the remaining window is a few microseconds between the rename and the ch
 Multi-host runs: process 0 takes the lock and broadcasts the outcome (`acquire_for_run`); every
 process fails alike if the workdir is locked.
 """
-import dataclasses
 import json
 import os
 import socket

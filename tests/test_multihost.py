@@ -67,8 +67,9 @@ def _final_params(workdir):
 
 def test_two_processes_match_one_process(tmp_path):
   ref_dir, mh_dir = str(tmp_path / 'single'), str(tmp_path / 'multi')
-  ref = subprocess.run([sys.executable, '-m', 'basic.train', *_flags(ref_dir)], env=cpu_devices.env(8),
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  ref = subprocess.run([sys.executable, '-m', 'basic.train', *_flags(ref_dir)],
+                       env=cpu_devices.env(8), cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
   assert ref.returncode == 0, ref.stderr[-5000:]
   spm = os.path.join(ref_dir, 'tokenizer', 'spm.model')   # Same tokenizer, trained once.
   multi = subprocess.run(

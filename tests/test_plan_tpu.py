@@ -9,7 +9,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from basic import flops
@@ -28,7 +27,7 @@ MATMUL = 2 * 128 * 256 * 256     # FLOPs of one [128, 256] x [256, 256] matmul.
 
 def _has_libtpu():
   try:
-    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+    import libtpu  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
     return True
   except ImportError:
     return False

@@ -206,6 +206,10 @@ def test_basic_convnext_sigmoid_exports_to_the_same_embeddings_and_bias(tmp_path
   with pytest.raises(config_lib.ConfigError, match=r'config\.model\.image\.dims=\(16, 32, 64, '
                      r'128\).*--timm_model_name'):
     export_lib.export(directory, str(tmp_path / 'x.safetensors'))
+  with pytest.raises(ValueError, match=r"timm_model_name='convnext_atto': its trunk differs"):
+    export_lib.export(directory, str(tmp_path / 'y.safetensors'), timm_model_name='convnext_atto')
+  assert not os.path.exists(tmp_path / 'x.safetensors')
+  assert not os.path.exists(tmp_path / 'y.safetensors')
 
 
 # --- (3) What OpenCLIP cannot express. ------------------------------------------------------------

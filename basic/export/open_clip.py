@@ -190,19 +190,33 @@ def model_config(config, arch: dict, params: dict, *,
   return cfg
 
 
-def timm_conv_mlp(name: str) -> bool:
-  """Whether timm's ConvNeXt `name` has 1x1-conv MLPs (conv_mlp: convnext_atto..nano), read
-  from the model built on torch's 'meta' device (no memory); False without timm."""
+def timm_trunk(name: str):
+  """timm's model `name` built on torch's 'meta' device (no memory), or None without timm."""
   try:
     import timm  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return False
+    return None
   if not timm.is_model(name):
     raise ValueError(f'vision_cfg.timm_model_name={name!r}: not a model registered in timm.')
   with torch.device('meta'):
-    trunk = timm.create_model(name, pretrained=False)
-  return trunk.stages[0].blocks[0].mlp.fc1.weight.ndim == 4
+    return timm.create_model(name, pretrained=False)
+
+
+def check_timm_trunk(trunk, name: str, state: dict, eps: float):
+  """The exported `visual.trunk.*` must be timm's `name`: same keys and shapes, LayerNorm eps
+  equal to config.model.image.norm_eps. ValueError / ConfigError naming what differs."""
+  import torch  # pylint: disable=g-import-not-at-top
+  want = {f'visual.trunk.{k}': tuple(v.shape) for k, v in trunk.state_dict().items()
+          if not k.startswith('head.fc.')}
+  got = {k: tuple(v.shape) for k, v in state.items() if k.startswith('visual.trunk.')}
+  if want != got:
+    diff = sorted(set(want.items()) ^ set(got.items()))
+    raise ValueError(f'vision_cfg.timm_model_name={name!r}: its trunk differs from the '
+                     f'exported one ({diff[:4]}); give --timm_model_name of this trunk.')
+  eps_found = {m.eps for m in trunk.modules() if isinstance(m, torch.nn.LayerNorm)}
+  if eps_found != {eps}:
+    _fail('model.image.norm_eps', eps, f"timm's {name} has LayerNorm eps {sorted(eps_found)}.")
 
 
 def export_params(params: dict, config, arch: dict, *, conv_mlp: bool = False) -> dict:
@@ -245,9 +259,14 @@ def export(checkpoint: str, output: str, *, model_config_path: Optional[str] = N
   check_exportable(config)
   arch = architecture(params, config)
   cfg = model_config(config, arch, params, timm_model_name=timm_model_name)
-  conv_mlp = (arch['image_tower'] == 'convnext'
-              and timm_conv_mlp(cfg['vision_cfg']['timm_model_name']))
-  state = export_params(params, config, arch, conv_mlp=conv_mlp)
+  trunk = conv_mlp = None
+  if arch['image_tower'] == 'convnext':
+    trunk = timm_trunk(cfg['vision_cfg']['timm_model_name'])
+    conv_mlp = trunk is not None and trunk.stages[0].blocks[0].mlp.fc1.weight.ndim == 4
+  state = export_params(params, config, arch, conv_mlp=bool(conv_mlp))
+  if trunk is not None:
+    check_timm_trunk(trunk, cfg['vision_cfg']['timm_model_name'], state,
+                     config.model.image.norm_eps)
   model_config_path = model_config_path or os.path.splitext(output)[0] + '.json'
   save_file(state, output)
   with open(model_config_path, 'w', encoding='utf-8') as f:

@@ -84,6 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.debug_raise_process = -1
   config.debug_fail_checkpoint_at_step = 0
   config.debug_finish_delay_s = 0
+  # An exponential moving average of the parameters kept in the train state (basic.train
+  # EmaTrainState): ema <- d * ema + (1 - d) * params after each update, from the initial
+  # parameters, no warmup; evaluated beside them ('zeroshot_ema/top1'), saved in checkpoints,
+  # used by basic.inference.load(use_ema=True) and `python -m basic.evaluate --use_ema`.
+  # 0 = off (no copy of the parameters); in [0, 1), e.g. 0.999. Fixed for a run's checkpoints.
+  config.ema_decay = 0.0
   # A checkpoint (workdir, checkpoints dir or step dir; local or gs://) whose parameters start a
   # new run (the next stage of a recipe, fine-tuning); ignored when the workdir has checkpoints.
   config.init_from = ''

@@ -118,6 +118,7 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if not isinstance(_get(config, 'init_from'), str):
     _fail('init_from', config.init_from, 'must be a path (str); empty for none.')
   _int(config, 'seed', 0)
+  _validate_ema_and_profile(config)
 
   from basic.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.validate(config)   # config.data: the common fields and the source's (basic.data).
@@ -147,6 +148,13 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if 'sharding' in config:
     _validate_sharding(config)
   return original
+
+
+def _validate_ema_and_profile(config):
+  """config.ema_decay in [0, 1)."""
+  decay = _get(config, 'ema_decay')
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+    _fail('ema_decay', decay, 'must be a number in [0, 1) (0 = no EMA of the parameters).')
 
 
 # Failure handling and fault injection (basic/failures.py, basic/workdir_lock.py): the values of
@@ -275,6 +283,8 @@ RESUME_RULES = (
     ('seed', FIXED),
     ('optimizer.name', FIXED),         # optimiser state structure.
     ('optimizer.factored', FIXED),
+    ('ema_decay', FIXED),              # 0 or not: whether the state holds an EMA (checkpoints
+                                       # without one fail naming the field); its value: the EMA.
     ('tokenizer.model_path', ALLOWED),     # a moved file; its bytes are compared with the
     ('tokenizer.train_sentences', ALLOWED),  # checkpoint's tokenizer (basic.train).
     ('tokenizer.*', FIXED),

@@ -122,9 +122,12 @@ class Model:
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def load(path: str, step: Optional[int] = None, batch_size: int = 64) -> Model:
+def load(path: str, step: Optional[int] = None, batch_size: int = 64,
+         use_ema: bool = False) -> Model:
   """Loads a checkpoint: a training workdir or checkpoints directory (its latest step, unless
-  `step`), or one step directory; local or gs://."""
+  `step`), or one step directory; local or gs://. With use_ema, the model's parameters are the
+  EMA of the parameters the run kept (config.ema_decay > 0; ValueError naming use_ema and
+  config.ema_decay for a checkpoint without one)."""
   with checkpoint_lib.open_step(path, step) as (ckpt, step):
     config = ckpt.restore_config(step)
     model_bytes = ckpt.restore_tokenizer(step)
@@ -135,9 +138,22 @@ def load(path: str, step: Optional[int] = None, batch_size: int = 64) -> Model:
     if kind != config.tokenizer.kind:
       raise ValueError(f'Checkpoint {ckpt.directory}/{step} holds a {kind} tokenizer, but its '
                        f'config says tokenizer.kind={config.tokenizer.kind!r}.')
-    params = ckpt.restore_params(step)
+    params = _restore_ema(ckpt, step, config) if use_ema else ckpt.restore_params(step)
   with tempfile.NamedTemporaryFile(suffix='-' + tokenizer_lib.MODEL_FILENAMES[kind],
                                    delete=False) as f:
     f.write(model_bytes)
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, f.name, config.data.text_length)
   return Model(config, params, tokenizer, step=step, batch_size=batch_size)
+
+
+def _restore_ema(ckpt, step: int, config):
+  """The EMA of the parameters saved at `step` ('ema' of the train state), whole, on this
+  process's first device (as `Checkpointer.restore_params` reads the parameters)."""
+  metadata = ckpt._state_metadata(step)   # pylint: disable=protected-access
+  if not config.ema_decay or 'ema' not in metadata:
+    raise ValueError(f'use_ema=True: checkpoint {ckpt.directory}/{step} keeps no EMA of the '
+                     f'parameters (its config.ema_decay={config.ema_decay}).')
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  template = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                          metadata)
+  return ckpt.restore(template, step)['ema']

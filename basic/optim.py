@@ -123,3 +123,9 @@ def make_optimizer(opt_config, total_steps: int):
     chain.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
   chain.append(opt)
   return optax.chain(*chain), schedule
+
+
+def ema_update(ema, params, decay: float):
+  """One step of the exponential moving average of the parameters (config.ema_decay):
+  ema <- d * ema + (1 - d) * params, per leaf, in the EMA's dtype."""
+  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)

@@ -54,6 +54,30 @@ class TrainState:
   opt_state: Any
 
 
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+  """A TrainState that also keeps `ema`, the exponential moving average of the parameters
+  (config.ema_decay = d > 0; basic.optim.ema_update): a tree like `params`, sharded like them
+  (basic.sharding.state_shardings matches it by path and shape), saved in checkpoints.
+
+  ema_0 = params_0 (the initial, or init_from, parameters); after each applied update t,
+  ema_t = d * ema_{t-1} + (1 - d) * params_t; a skipped non-finite update leaves it unchanged.
+  No warmup of d (timm's ModelEmaV2 / big_vision's min(d, (1 + t) / (10 + t)) is not applied):
+  the average starts at the initial parameters, whose weight after t updates is d^t, so choose d
+  with 1 / (1 - d) well below the run's length. Runs with ema_decay = 0 keep a plain TrainState
+  (no copy of the parameters; checkpoints as before).
+  """
+  ema: Any
+
+
+def with_params(state, params):
+  """`state` with `params` (e.g. config.init_from's); its EMA, if it keeps one, restarts from a
+  copy of them."""
+  if isinstance(state, EmaTrainState):
+    return state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
+  return state.replace(params=params)
+
+
 def loss_axes(config, mesh=None) -> tuple:
   """The mesh axes the contrastive loss's rows are split over; () = not sharded.
 
@@ -151,6 +175,10 @@ def make_train_step(config, model, tx, schedule, mesh=None):
   step counter still advances); with 'stop' the loop stops (see train_and_evaluate).
   config.debug_nan_at_step = k > 0 makes update k (state.step == k - 1) non-finite, to test
   that guard on a real run.
+
+  With config.ema_decay = d > 0 (an EmaTrainState) the step also updates the EMA of the new
+  parameters, ema <- d * ema + (1 - d) * params (basic.optim.ema_update), left unchanged by a
+  skipped non-finite update.
   """
   num_microbatches = config.batch_size // config.microbatch_size
   value_and_grad = gradcache.value_and_grad(make_encode_fn(model, mesh),
@@ -160,6 +188,7 @@ def make_train_step(config, model, tx, schedule, mesh=None):
 
   nan_at_step = config.debug_nan_at_step
   skip_nonfinite = config.on_nonfinite == 'skip'
+  ema_decay = config.ema_decay
 
   def train_step(state, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
@@ -172,10 +201,14 @@ def make_train_step(config, model, tx, schedule, mesh=None):
     finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)
     if skip_nonfinite:
-      keep = lambda new, old: jnp.where(finite, new, old)
       params = jax.tree.map(keep, params, state.params)
       opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    new_state = dict(step=state.step + 1, params=params, opt_state=opt_state)
+    if ema_decay > 0:
+      ema = optim.ema_update(state.ema, params, ema_decay)
+      new_state['ema'] = jax.tree.map(keep, ema, state.ema) if skip_nonfinite else ema
     metrics = {
         'train/loss': loss,
         'train/temperature': temperature_from_params(params, config),
@@ -184,7 +217,7 @@ def make_train_step(config, model, tx, schedule, mesh=None):
         'train/param_norm': optax.tree.norm(params),
         'train/nonfinite': 1 - finite.astype(jnp.int32),
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return state.replace(**new_state), metrics
   return train_step
 
 
@@ -206,11 +239,17 @@ def init_batch(config, batch_size: int):
 
 
 def make_init_fn(config, model, tx):
-  """-> init() -> TrainState at step 0 (params from config.seed); jit or eval_shape it."""
+  """-> init() -> TrainState at step 0 (params from config.seed); jit or eval_shape it.
+
+  With config.ema_decay > 0 an EmaTrainState whose EMA starts at the initial parameters."""
   def init():
     batch = init_batch(config, 2)
     params = model.init(jax.random.key(config.seed), batch['image'], batch['text'])['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    step = jnp.zeros((), jnp.int32)
+    if config.ema_decay > 0:
+      return EmaTrainState(step=step, params=params, opt_state=tx.init(params),
+                           ema=jax.tree.map(jnp.copy, params))
+    return TrainState(step=step, params=params, opt_state=tx.init(params))
   return init
 
 
@@ -413,8 +452,13 @@ class TrainLoop:
     self.last_good = self.step
 
   def evaluate(self) -> dict:
-    """The config's evaluators on the current parameters, written at the current step."""
+    """The config's evaluators on the current parameters, written at the current step; with an
+    EMA (config.ema_decay > 0) also on the EMA, each task's metrics named with '_ema' after the
+    task ('zeroshot_ema/top1' beside 'zeroshot/top1')."""
     results = self._evaluator(self.state.params, self._tokenizer, step=self.step)
+    if isinstance(self.state, EmaTrainState):
+      results.update(self._evaluator(self.state.ema, self._tokenizer, step=self.step,
+                                     suffix='_ema'))
     if results:
       self._writer.write_scalars(self.step, results)
     return results
@@ -501,7 +545,7 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
     data_state = ckpt.restore_data(last_good)
     logging.info('Resumed from checkpoint step %d in %s.', last_good, ckpt.directory)
   elif config.init_from:
-    state = state.replace(params=params_from_checkpoint(config.init_from, state.params))
+    state = with_params(state, params_from_checkpoint(config.init_from, state.params))
     logging.info('Initialised the parameters from %s.', config.init_from)
   start_step = int(state.step)
   cursor, skipped, rng = _resume_data(data_state, config, start_step)

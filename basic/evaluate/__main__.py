@@ -15,6 +15,8 @@ The checkpoint is --checkpoint (a run's workdir, its checkpoints directory or on
 directory; local or gs://), else --workdir. The config is --config when given (its model must
 match the checkpoint's), else the checkpoint's own. The tokenizer is always the checkpoint's.
 Single host: the parameters are restored on this host, then sharded over config.mesh.
+--use_ema evaluates the checkpoint's EMA of the parameters instead (a run with
+config.ema_decay > 0), its metrics named as during training: 'zeroshot_ema/top1', ...
 """
 import json
 
@@ -37,6 +39,8 @@ def _define_flags():
                       '(local or gs://).')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_string('tensorboard_dir', None, 'TensorBoard event files (default: --workdir).')
+  flags.DEFINE_bool('use_ema', False, 'Evaluate the EMA of the parameters the checkpoint keeps '
+                    "(config.ema_decay > 0); metrics named 'TASK_ema/...'.")
 
 
 def main(argv):
@@ -48,7 +52,7 @@ def main(argv):
     raise app.UsageError('Give --workdir (a training run) or --checkpoint=PATH.')
   step, results = run.evaluate_checkpoint(
       checkpoint, config=options.config, workdir=options.workdir, step=options.step,
-      tensorboard_dir=options.tensorboard_dir)
+      tensorboard_dir=options.tensorboard_dir, use_ema=options.use_ema)
   if not results:
     logging.warning('The config lists no evaluation (config.eval.zeroshot is False and '
                     'config.eval.tasks is empty).')

@@ -66,8 +66,12 @@ class Evaluator:
     return sharding.put_whole(
         params, sharding.param_shardings(params, self.mesh, self.config.get('sharding')))
 
-  def __call__(self, params, tokenizer, *, step: Optional[int] = None) -> dict[str, float]:
-    """-> {metric name: value} of every task of the config (same on every host)."""
+  def __call__(self, params, tokenizer, *, step: Optional[int] = None,
+               suffix: str = '') -> dict[str, float]:
+    """-> {metric name: value} of every task of the config (same on every host).
+
+    `suffix` follows each task's name in its metrics: suffix='_ema' gives 'zeroshot_ema/top1'
+    for 'zeroshot/top1' (the EMA of the parameters, config.ema_decay)."""
     results = {}
     params = self.place(params)
     for name, task in self._tasks.items():
@@ -75,9 +79,16 @@ class Evaluator:
       entry = evaluate_lib.EVALUATORS.get(task.kind)
       out = entry.evaluate(name, task, self.encoders(evaluate_lib.batch_size(task, self.config)),
                            params, tokenizer, self.config, state=self._states[name])
-      _log(name, step, out, time.perf_counter() - start)
+      out = {with_suffix(k, suffix): v for k, v in out.items()}
+      _log(name + suffix, step, out, time.perf_counter() - start)
       results.update(out)
     return results
+
+
+def with_suffix(metric: str, suffix: str) -> str:
+  """'task/name' -> 'task{suffix}/name' (a metric without '/': 'metric{suffix}')."""
+  task, sep, rest = metric.partition('/')
+  return f'{task}{suffix}{sep}{rest}'
 
 
 def _log(name: str, step: Optional[int], results: dict, seconds: float):
@@ -88,15 +99,16 @@ def _log(name: str, step: Optional[int], results: dict, seconds: float):
 
 
 def run_evaluators(config, model, params, tokenizer, *, step: Optional[int] = None,
-                   mesh=None) -> dict[str, float]:
+                   mesh=None, suffix: str = '') -> dict[str, float]:
   """Runs every task of the config once (the synthetic zero-shot if config.eval.zeroshot, and
-  config.eval.tasks); -> {metric name: value}. See `Evaluator` to evaluate repeatedly."""
-  return Evaluator(config, model, mesh)(params, tokenizer, step=step)
+  config.eval.tasks); -> {metric name: value}, `suffix` after each task's name (see
+  `Evaluator`). See `Evaluator` to evaluate repeatedly."""
+  return Evaluator(config, model, mesh)(params, tokenizer, step=step, suffix=suffix)
 
 
 def evaluate_checkpoint(checkpoint: str, *, config=None, workdir: Optional[str] = None,
-                        step: Optional[int] = None,
-                        tensorboard_dir: Optional[str] = None) -> tuple[int, dict]:
+                        step: Optional[int] = None, tensorboard_dir: Optional[str] = None,
+                        use_ema: bool = False) -> tuple[int, dict]:
   """Evaluates one checkpoint step (`python -m basic.evaluate`); -> (step, {metric: value}).
 
   Args:
@@ -107,9 +119,11 @@ def evaluate_checkpoint(checkpoint: str, *, config=None, workdir: Optional[str] 
       TensorBoard events at the checkpoint's step (process 0 writes).
     step: the step (default: the latest, or the step directory's).
     tensorboard_dir: TensorBoard event files (default: workdir).
+    use_ema: evaluate the checkpoint's EMA of the parameters (config.ema_decay > 0) instead;
+      its metrics are named as during training, 'zeroshot_ema/top1'.
   """
   tf_setup.configure_tensorflow()
-  loaded = inference.load(checkpoint, step=step)
+  loaded = inference.load(checkpoint, step=step, use_ema=use_ema)
   config = config if config is not None else loaded.config
   mesh = sharding.make_mesh(config.mesh)
   config_lib.validate(config, num_processes=jax.process_count(),
@@ -117,7 +131,7 @@ def evaluate_checkpoint(checkpoint: str, *, config=None, workdir: Optional[str] 
   tokenizer = tokenizer_lib.make_tokenizer(config.tokenizer, loaded.tokenizer.model_path,
                                            config.data.text_length)
   results = run_evaluators(config, models.build(config), loaded.params, tokenizer,
-                           step=loaded.step, mesh=mesh)
+                           step=loaded.step, mesh=mesh, suffix='_ema' if use_ema else '')
   if workdir is not None and results:
     writer = metric_writers.create_writer(workdir, start_step=_KEEP_ALL_ROWS,
                                           tensorboard_dir=tensorboard_dir)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+os.environ.setdefault('USE_HUB_KERNELS', '0')   # transformers 5 without the `kernels` package.
 open_clip = pytest.importorskip('open_clip')
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
@@ -235,3 +236,46 @@ def test_unexportable_towers_fail_naming_the_field():
     with pytest.raises(config_lib.ConfigError,
                        match=rf'config\.{field.replace(".", chr(92) + ".")}={value!r}'):
       export_lib.check_exportable(config(**{field: value}))
+
+
+# --- basic.export.hf (only with transformers). ----------------------------------------------------
+
+
+def _features(out):
+  """get_*_features -> a tensor (transformers 5 may wrap it in a model output)."""
+  return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def test_basic_vit_exports_to_transformers_clip(tmp_path):
+  transformers = pytest.importorskip('transformers')
+  from basic.export import hf as hf_export  # pylint: disable=g-import-not-at-top
+  config = open_clip_configs.clip_vit(image_size=32, patch_size=8, width=64, depth=2,
+                                     num_heads=2, mlp_dim=256, activation='gelu', **TEXT)
+  directory = _basic_checkpoint(tmp_path / 'vit', config, seed=4)
+  output = hf_export.export(directory, str(tmp_path / 'hf'))
+  model = transformers.CLIPModel.from_pretrained(output).eval()   # USE_HUB_KERNELS=0 above
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(output)
+  loaded = inference.load(directory, batch_size=4)
+  captions = ['a photo of a cat', 'two dogs playing in the snow', 'a diagram']
+  ids = tokenizer(captions, padding='max_length', max_length=77, return_tensors='pt')['input_ids']
+  want_ids = loaded.tokenizer.encode(captions)
+  np.testing.assert_array_equal(ids.numpy()[want_ids != 0], want_ids[want_ids != 0])
+  images = _images(32, 5)
+  mean = torch.tensor(loaded.config.data.mean).view(1, 3, 1, 1)
+  std = torch.tensor(loaded.config.data.std).view(1, 3, 1, 1)
+  with torch.no_grad():
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    image = _features(model.get_image_features(pixel_values=x))
+    text = _features(model.get_text_features(input_ids=ids))
+  image = (image / image.norm(dim=-1, keepdim=True)).numpy()
+  text = (text / text.norm(dim=-1, keepdim=True)).numpy()
+  diffs = {'image': float(np.abs(image - loaded.encode_images(images)).max()),
+           'text': float(np.abs(text - loaded.encode_texts(captions)).max())}
+  print(f'{output}: max abs differences {diffs}')
+  assert max(diffs.values()) <= EMBED_TOLERANCE, diffs
+  np.testing.assert_allclose(model.logit_scale.exp().item(), 1 / loaded.temperature, rtol=1e-6)
+  convnext_config = open_clip_configs.clip_convnext(image_size=64, depths=(1, 1, 1, 1),
+                                                    dims=(8, 8, 8, 8), norm_eps=1e-6, **TEXT)
+  directory = _basic_checkpoint(tmp_path / 'cnx', convnext_config, seed=5)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.image\.name='convnext'"):
+    hf_export.export(directory, str(tmp_path / 'hf_cnx'))

@@ -90,6 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
   # used by basic.inference.load(use_ema=True) and `python -m basic.evaluate --use_ema`.
   # 0 = off (no copy of the parameters); in [0, 1), e.g. 0.999. Fixed for a run's checkpoints.
   config.ema_decay = 0.0
+  # A jax.profiler trace of steps (start, count) (step k = the k-th update, as logged), written
+  # to {workdir}/profile/plugins/profile/<time>/ (TensorBoard's profile plugin, --logdir=workdir)
+  # by process 0, or by every process with profile_all_processes; () = off.
+  config.profile_steps = ()
+  config.profile_all_processes = False
   # A checkpoint (workdir, checkpoints dir or step dir; local or gs://) whose parameters start a
   # new run (the next stage of a recipe, fine-tuning); ignored when the workdir has checkpoints.
   config.init_from = ''

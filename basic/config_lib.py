@@ -151,10 +151,18 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
 
 
 def _validate_ema_and_profile(config):
-  """config.ema_decay in [0, 1)."""
+  """config.ema_decay in [0, 1); config.profile_steps () or (start >= 1, count >= 1);
+  config.profile_all_processes a bool."""
   decay = _get(config, 'ema_decay')
   if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
     _fail('ema_decay', decay, 'must be a number in [0, 1) (0 = no EMA of the parameters).')
+  steps = _get(config, 'profile_steps')
+  if not isinstance(steps, (tuple, list)) or (steps and not (
+      len(steps) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in steps)
+      and steps[0] >= 1 and steps[1] >= 1)):
+    _fail('profile_steps', steps, 'must be () (off) or (start, count): the integers start >= 1 '
+          '(the first traced step, as logged) and count >= 1.')
+  _bool(config, 'profile_all_processes')
 
 
 # Failure handling and fault injection (basic/failures.py, basic/workdir_lock.py): the values of

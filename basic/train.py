@@ -464,6 +464,52 @@ class TrainLoop:
     return results
 
 
+class StepProfiler:
+  """A jax.profiler trace of the steps config.profile_steps = (start, count): steps start ..
+  start + count - 1, numbered as logged (step k is the k-th update), written to
+  `{workdir}/profile` (jax writes `plugins/profile/<time>/<host>.xplane.pb` there, which
+  TensorBoard's profile plugin lists with --logdir={workdir}), by process 0 or, with
+  config.profile_all_processes, by every process. The trace starts before the first of those
+  steps is dispatched and stops once the last one's outputs are ready; a run that resumes inside
+  the range traces the rest of it, a run that ends (or fails) inside it stops the trace there.
+  profile_steps = () (the default): nothing is traced or written.
+
+  Use: `with StepProfiler(config, workdir) as p: ... p.before(k); step k; p.after(k, outputs)`.
+  """
+
+  def __init__(self, config, workdir: str):
+    steps = tuple(config.profile_steps)
+    self._first, self._last = (steps[0], steps[0] + steps[1] - 1) if steps else (1, 0)
+    self._on = bool(steps) and (jax.process_index() == 0 or config.profile_all_processes)
+    self.directory = str(epath.Path(workdir) / 'profile')
+    self.active = False
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.stop()
+
+  def before(self, step: int):
+    """Called before step `step` (1-based) is dispatched: starts the trace at the range."""
+    if self._on and not self.active and self._first <= step <= self._last:
+      logging.info('Profiling steps %d to %d into %s.', step, self._last, self.directory)
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int, outputs=None):
+    """Called after step `step` was dispatched: at the range's end, waits for `outputs`, stops."""
+    if self.active and step >= self._last:
+      self.stop(outputs)
+
+  def stop(self, outputs=None):
+    if self.active:
+      self.active = False
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      logging.info('Wrote the profile trace to %s.', self.directory)
+
+
 class _Run:
   """The resources of a run that an exception must shut down, in order (train_and_evaluate)."""
 
@@ -577,8 +623,9 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   results = {}
-  with PreemptionWatch() as preemption:
+  with PreemptionWatch() as preemption, StepProfiler(config, workdir) as profiler:
     while loop.step < config.total_steps:
+      profiler.before(loop.step + 1)
       with jax.profiler.StepTraceAnnotation('train', step_num=loop.step):
         batch = sharding.global_batch(next(train_iter), mesh)
         if loop.step + 1 == raise_at and raise_here:   # Fault injection (crash handling tests).
@@ -586,6 +633,7 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
                              f'{loop.step + 1} on process {jax.process_index()}.')
         loop.state, metrics = train_step(loop.state, batch, loop.rng)
       step = loop.finished_step(metrics)
+      profiler.after(step, metrics)
       report(step)
       preempted = preemption.should_stop(step)
       is_last = step == config.total_steps or preempted

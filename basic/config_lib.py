@@ -70,6 +70,16 @@ def _bool(config, field):
 
 # The checks, for the `validate` of extensions (towers, losses, data sources, evaluators): each
 # takes the dotted field under `config.` and raises ConfigError naming it; they return the value.
+def check_sizes_unset(config, field: str, variant: str, sizes):
+  """With `config.<field>.variant` set, the tower's explicit size fields `sizes` must be unset
+  (0, () or ''): a config names either the variant or the sizes."""
+  cfg = _get(config, field)
+  for key in sizes:
+    if cfg[key]:
+      _fail(f'{field}.{key}', cfg[key], f"must be unset (0, () or '') with {field}.variant="
+            f'{variant!r}: set either the variant or the sizes.')
+
+
 get_field = _get
 fail = _fail
 check_int = _int

@@ -47,6 +47,20 @@ def test_bad_config_names_field(overrides, field):
     config_lib.validate(_config(**overrides))
 
 
+@pytest.mark.parametrize('tower, fields, field', [
+    ('vit', {'variant': 'B/16', 'width': 96}, 'config.model.image.width=96'),
+    ('coatnet', {'variant': 'coatnet-0', 'depths': (1, 1, 1, 1)}, 'config.model.image.depths'),
+    ('convnext', {'variant': 'convnext_atto', 'norm_eps': 1e-5}, 'config.model.image.norm_eps'),
+])
+def test_a_variant_and_explicit_sizes_fail_naming_the_size(tower, fields, field):
+  """Every image tower: a named variant with an explicit size is refused, naming the size."""
+  from basic import config_defaults  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.image = config_defaults.tower(tower, **fields)
+  with pytest.raises(config_lib.ConfigError, match=field.replace('.', r'\.') + '.*unset'):
+    config_lib.validate(config)
+
+
 def test_batch_must_split_over_processes_and_devices():
   with pytest.raises(config_lib.ConfigError, match=r'config\.batch_size=256: .*processes'):
     config_lib.validate(_config(), num_processes=3)

@@ -356,10 +356,7 @@ def validate(config, field: str = 'model.image'):
   variant = config_lib.check_str(config, f'{field}.variant')
   if variant:
     config_lib.check_choice(config, f'{field}.variant', tuple(VARIANTS))
-    for key in _SIZES:
-      if cfg[key]:
-        config_lib.fail(f'{field}.{key}', cfg[key], f'must be unset (0, () or \'\') with '
-                        f'{field}.variant={variant!r}: set either the variant or the sizes.')
+    config_lib.check_sizes_unset(config, field, variant, _SIZES)
   else:
     config_lib.check_int(config, f'{field}.stem_dim', 1)
     config_lib.check_int(config, f'{field}.head_dim', 1)

@@ -198,10 +198,7 @@ def validate(config, field: str = 'model.image'):
   variant = config_lib.check_str(config, f'{field}.variant')
   if variant:
     config_lib.check_choice(config, f'{field}.variant', tuple(VARIANTS))
-    for key in _SIZES:
-      if cfg[key]:
-        config_lib.fail(f'{field}.{key}', cfg[key], f'must be unset (() or 0) with '
-                        f'{field}.variant={variant!r}: set either the variant or the sizes.')
+    config_lib.check_sizes_unset(config, field, variant, _SIZES)
   else:
     n = len(config_lib.get_field(config, f'{field}.depths'))
     if not n or len(cfg.dims) != n:

@@ -211,17 +211,13 @@ POSEMBS = ('learn', 'sincos2d')
 def validate(config, field: str = 'model.image'):
   """config.<field> of a ViT (see basic.models): sizes, Encoder fields, patching, masking."""
   from basic import config_lib  # pylint: disable=g-import-not-at-top  (config_lib reads models)
-  cfg = config_lib.get_field(config, field)
   variant = config_lib.check_str(config, f'{field}.variant')
   if variant:
     try:
       patch = variant_spec(variant)['patch_size']
     except ValueError as e:
       config_lib.fail(f'{field}.variant', variant, str(e))
-    for key in _SIZES:
-      if cfg[key]:
-        config_lib.fail(f'{field}.{key}', cfg[key], f'must be 0 (unset) with {field}.variant='
-                        f'{variant!r}: set either the variant or the explicit sizes.')
+    config_lib.check_sizes_unset(config, field, variant, _SIZES)
   else:
     patch = config_lib.check_int(config, f'{field}.patch_size', 1)
   image_size = config.data.image_size

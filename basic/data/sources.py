@@ -38,8 +38,9 @@ from basic.data import tf_setup
 # Feature names used when config.data.image_key / text_key are empty.
 DEFAULT_KEYS = {'tfrecord': ('jpg', 'txt'), 'tfds': ('image', 'caption')}
 _SCHEMA_RECORDS = 32    # Records read at start-up to check the feature keys of TFRecord files.
-# Stream ids that keep the stateless random streams of one data seed apart.
-_FILE_ORDER, _SHUFFLE = 1, 2
+# Stream ids that keep the stateless random streams of one data seed apart (every source's; the
+# per-record ones are further below, the pipeline's text masking uses 5, webdataset's resampling 6).
+FILE_ORDER, SHUFFLE = 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,9 +359,20 @@ def count_records(host: HostRecords, cycle_length: int = 16) -> int:
   return int(count.numpy())
 
 
-def _stream_seed(tf, seed: int, stream: int, counter):
+def stream_seed(tf, seed: int, stream: int, counter):
   """A stateless seed int64 [2] for (data seed, stream id, counter)."""
   return tf.stack([tf.constant(seed * 16 + stream, tf.int64), tf.cast(counter, tf.int64)])
+
+
+def shuffle_block(tf, records, *, seed: int, shuffle_buffer: int, counter, shuffle_id: int):
+  """`records` (one epoch, or one block of shards) shuffled in a buffer of `shuffle_buffer`, by a
+  seed of (data seed, SHUFFLE, counter * 65536 + shuffle_id); unchanged when the buffer is <= 1."""
+  if shuffle_buffer <= 1:
+    return records
+  shuffle_seed = tf.random.stateless_uniform(
+      [], seed=stream_seed(tf, seed, SHUFFLE, counter * 65536 + shuffle_id),
+      minval=None, maxval=None, dtype=tf.int64)
+  return records.shuffle(shuffle_buffer, seed=shuffle_seed)
 
 
 def epoch_records(host: HostRecords, *, seed: int, shuffle_buffer: int, cycle_length: int,
@@ -393,14 +405,10 @@ def epoch_records(host: HostRecords, *, seed: int, shuffle_buffer: int, cycle_le
     else:
       # Same order on every host for a given epoch: needed when sharding by example.
       order = tf.argsort(tf.random.stateless_uniform(
-          [num_slices], seed=_stream_seed(tf, seed, _FILE_ORDER, epoch)))
+          [num_slices], seed=stream_seed(tf, seed, FILE_ORDER, epoch)))
       records = _read(host, order, cycle_length)
-    if shuffle_buffer > 1:
-      shuffle_seed = tf.random.stateless_uniform(
-          [], seed=_stream_seed(tf, seed, _SHUFFLE, epoch * 65536 + shuffle_id),
-          minval=None, maxval=None, dtype=tf.int64)
-      records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
-    return records
+    return shuffle_block(tf, records, seed=seed, shuffle_buffer=shuffle_buffer, counter=epoch,
+                         shuffle_id=shuffle_id)
 
   if num_epochs is None:
     epochs = tf.data.Dataset.counter(start_epoch)
@@ -440,7 +448,7 @@ def clean_captions(captions):
 
 # --- The host stream of a record source (basic.data.SOURCES entries tfds, tfrecord). -------------
 
-# Stream ids of the stateless per-example randomness (_FILE_ORDER, _SHUFFLE above; the pipeline's
+# Stream ids of the stateless per-example randomness (FILE_ORDER, SHUFFLE above; the pipeline's
 # text masking uses 5).
 _AUGMENT, _CAPTION = 3, 4
 
@@ -538,3 +546,15 @@ def record_captions(config, host: HostRecords, n: int):
   captions = captions.ignore_errors().unbatch().take(n).with_options(options)
   for caption in captions.as_numpy_iterator():
     yield caption.decode('utf-8')
+
+
+# The registry entries of the record sources (basic.data.tfds, basic.data.tfrecord) share their
+# host stream: `check`, `batches` and `captions` of both are these.
+def check_records(config, *, process_index: int = 0, process_count: int = 1) -> HostRecords:
+  """This host's records of config.data, its feature keys checked (errors name config.data.*)."""
+  return host_records(config.data, process_index, process_count)
+
+
+def captions_of_records(config, n: int):
+  """`record_captions` of this host's records (the tokenizer's training captions)."""
+  return record_captions(config, check_records(config), n)

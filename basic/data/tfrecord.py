@@ -19,14 +19,7 @@ def validate(config):
   sources.validate_record_fields(config)
 
 
-def check(config, *, process_index: int = 0, process_count: int = 1) -> sources.HostRecords:
-  """This host's files, their feature keys checked (errors name config.data.*)."""
-  return sources.host_records(config.data, process_index, process_count)
-
-
-def batches(config, host, **kwargs):
-  return sources.record_batches(config, host, **kwargs)
-
-
-def captions(config, n: int):
-  return sources.record_captions(config, check(config), n)
+# The host stream, its batches and the tokenizer's captions: the record sources' shared code.
+check = sources.check_records
+batches = sources.record_batches
+captions = sources.captions_of_records

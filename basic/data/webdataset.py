@@ -72,8 +72,9 @@ IMAGE_KEY, TEXT_KEY = 'jpg', 'txt'   # Features of the records made from samples
 _CHUNK = 64           # Samples per element of a shard's generator (tf.data overhead per element).
 _CHECK_SAMPLES = 32   # Samples read before training to check the extensions.
 _READ_BUFFER = 1 << 20
-# Stream ids of the stateless random streams (as sources.py's; it uses 1 to 4, the pipeline 5).
-_FILE_ORDER, _SHUFFLE, _RESAMPLE = 1, 2, 6
+# Stream id of the resampled shard draws (sources.py's file order and shuffle streams are
+# shared; it uses 1 to 4, the pipeline 5).
+_RESAMPLE = 6
 _BLOCK = 512
 _REGULAR = (b'0', b'\0', b'7')
 
@@ -499,14 +500,10 @@ def _read(host: HostShards, paths, cycle_length: int, num_files: int):
   return records
 
 
-def _stream_seed(tf, seed: int, stream: int, counter):
-  return tf.stack([tf.constant(seed * 16 + stream, tf.int64), tf.cast(counter, tf.int64)])
-
-
 def _draws(tf, host: HostShards, seed: int, block, cycle_length: int, shuffle_id: int):
   """Indices into host.files of the shards of resampled block `block` (int64 [cycle_length])."""
   return tf.random.stateless_uniform(
-      [cycle_length], seed=_stream_seed(tf, seed, _RESAMPLE, block * 65536 + shuffle_id),
+      [cycle_length], seed=sources.stream_seed(tf, seed, _RESAMPLE, block * 65536 + shuffle_id),
       minval=0, maxval=len(host.files), dtype=tf.int64)
 
 
@@ -528,14 +525,10 @@ def _blocks(host: HostShards, *, seed: int, shuffle_buffer: int, cycle_length: i
       records = _read(host, tf.gather(paths, order), cycle_length, cycle_length)
     else:   # Same order on every host for a given epoch: needed when sharding by example.
       order = tf.argsort(tf.random.stateless_uniform(
-          [num_files], seed=_stream_seed(tf, seed, _FILE_ORDER, index)))
+          [num_files], seed=sources.stream_seed(tf, seed, sources.FILE_ORDER, index)))
       records = _read(host, tf.gather(paths, order), cycle_length, num_files)
-    if shuffle_buffer > 1:
-      shuffle_seed = tf.random.stateless_uniform(
-          [], seed=_stream_seed(tf, seed, _SHUFFLE, index * 65536 + shuffle_id),
-          minval=None, maxval=None, dtype=tf.int64)
-      records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
-    return records
+    return sources.shuffle_block(tf, records, seed=seed, shuffle_buffer=shuffle_buffer,
+                                 counter=index, shuffle_id=shuffle_id)
 
   if num_blocks is None:
     indices = tf.data.Dataset.counter(start)

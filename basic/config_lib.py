@@ -175,32 +175,15 @@ def _validate_ema_and_profile(config):
   _bool(config, 'profile_all_processes')
 
 
-# Failure handling and fault injection (basic/failures.py, basic/workdir_lock.py): the values of
-# configs/tiny.py, for configs saved by older versions that lack these fields (`failure_field`).
-FAILURE_DEFAULTS = {
-    'shutdown_timeout_s': 20, 'peer_poll_s': 1.0, 'distributed_heartbeat_timeout_s': 100,
-    'workdir_lock_heartbeat_s': 30, 'workdir_lock_stale_s': 300,
-    'debug_raise_at_step': 0, 'debug_raise_process': -1, 'debug_fail_checkpoint_at_step': 0,
-    'debug_finish_delay_s': 0,
-}
-
-
-def failure_field(config, name: str):
-  """config[name], or FAILURE_DEFAULTS[name] when a config (saved by an older version) lacks it."""
-  return config[name] if name in config else FAILURE_DEFAULTS[name]
-
-
 def _validate_failure_fields(config):
+  """Failure handling and fault injection (basic/failures.py, basic/workdir_lock.py)."""
   for name in ('shutdown_timeout_s', 'peer_poll_s', 'distributed_heartbeat_timeout_s',
                'workdir_lock_heartbeat_s', 'workdir_lock_stale_s'):
-    if name in config:
-      _positive(config, name)
+    _positive(config, name)
   for name in ('debug_raise_at_step', 'debug_fail_checkpoint_at_step', 'debug_finish_delay_s'):
-    if name in config:
-      _int(config, name, 0)
-  if 'debug_raise_process' in config:
-    _int(config, 'debug_raise_process', -1)
-  stale, beat = (failure_field(config, f'workdir_lock_{x}_s') for x in ('stale', 'heartbeat'))
+    _int(config, name, 0)
+  _int(config, 'debug_raise_process', -1)
+  stale, beat = config.workdir_lock_stale_s, config.workdir_lock_heartbeat_s
   if stale < 2 * beat:
     _fail('workdir_lock_stale_s', stale, f'must be at least twice '
           f'config.workdir_lock_heartbeat_s={beat} (a live run would look stale).')

@@ -22,7 +22,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from basic import config_lib
+from basic import config_defaults
 from basic import failures
 from basic import multihost
 from basic import train
@@ -74,30 +74,30 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _WORKDIR.value is None:
     raise app.UsageError('--workdir is required.')
-  config = _CONFIG.value
-  if config is None:
+  if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. --config=configs/tiny.py.')
+  config = config_defaults.fill(_CONFIG.value)   # Fields the config file lacks: their defaults.
   quiet_libraries()
 
   def run():
     multihost.initialize(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-        heartbeat_timeout_s=config_lib.failure_field(config, 'distributed_heartbeat_timeout_s'),
-        peer_poll_s=config_lib.failure_field(config, 'peer_poll_s'))
+        heartbeat_timeout_s=config.distributed_heartbeat_timeout_s,
+        peer_poll_s=config.peer_poll_s)
     logging.info('JAX devices: %s; process %d of %d.', jax.devices(), jax.process_index(),
                  jax.process_count())
     results = train.train_and_evaluate(config, _WORKDIR.value,
                                        tensorboard_dir=_TENSORBOARD_DIR.value)
     if results:
       print(' '.join(f'{k}={v:.4f}' for k, v in sorted(results.items())))
-    delay = config_lib.failure_field(config, 'debug_finish_delay_s')
+    delay = config.debug_finish_delay_s
     if delay and jax.process_index() == 0:
       time.sleep(delay)    # Fault injection: process 0 finishes late.
     multihost.shutdown()   # Every process leaves together, before the teardown watchdog.
 
   # Any exception: logged, then the process exits non-zero within config.shutdown_timeout_s,
   # and the other processes of the run exit too (basic.failures).
-  failures.run_main(run, timeout_s=config_lib.failure_field(config, 'shutdown_timeout_s'),
+  failures.run_main(run, timeout_s=config.shutdown_timeout_s,
                     process_index=jax.process_index, exit_on_success=True)
 
 

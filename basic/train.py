@@ -549,7 +549,7 @@ def train_and_evaluate(config, workdir: str, *, tensorboard_dir=None) -> dict:
   try:
     return _train_and_evaluate(config, workdir, run, tensorboard_dir=tensorboard_dir)
   except BaseException as error:
-    run.shut_down_after(error, config_lib.failure_field(config, 'shutdown_timeout_s'))
+    run.shut_down_after(error, config.shutdown_timeout_s)
     raise
   finally:
     run.train_iter = None   # On success: dropped (an idle pipeline) while the interpreter lives.
@@ -568,7 +568,7 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
   ckpt = run.ckpt = checkpoint_lib.Checkpointer(
       str(workdir_path / 'checkpoints'), max_to_keep=config.keep_checkpoints,
       keep_period=config.keep_checkpoint_every_steps,
-      debug_fail_at_step=config_lib.failure_field(config, 'debug_fail_checkpoint_at_step'))
+      debug_fail_at_step=config.debug_fail_checkpoint_at_step)
   resume_step = check_resume_config(ckpt, config)   # Before config.json and any compilation.
   if jax.process_index() == 0:
     (workdir_path / 'config.json').write_text(config_lib.to_json(config))
@@ -613,8 +613,8 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
                                       process_count=num_processes, state=cursor)
   evaluator = evaluate_run.Evaluator(config, model, mesh)   # Fails now if its data is missing.
   run.writer, run.train_iter = writer, train_iter
-  raise_at = config_lib.failure_field(config, 'debug_raise_at_step')
-  raise_here = config_lib.failure_field(config, 'debug_raise_process') in (-1, jax.process_index())
+  raise_at = config.debug_raise_at_step
+  raise_here = config.debug_raise_process in (-1, jax.process_index())
 
   loop = TrainLoop(config, state=state, rng=rng, skipped=skipped, last_good=last_good,
                    ckpt=ckpt, writer=writer, train_iter=train_iter, tokenizer=tokenizer,

@@ -98,6 +98,15 @@ def get_config() -> ml_collections.ConfigDict:
   # A checkpoint (workdir, checkpoints dir or step dir; local or gs://) whose parameters start a
   # new run (the next stage of a recipe, fine-tuning); ignored when the workdir has checkpoints.
   config.init_from = ''
+  # Locked towers (LiT; OpenCLIP --lock-image / --lock-text): the tower's every parameter,
+  # its projection to the joint embedding included, is frozen (as config.optimizer.frozen), except
+  # its last `*_unlocked_blocks` blocks (0 = fully locked; their layers as in layer_decay, the
+  # final norm / pool / projection then trainable too). A fully locked tower is embedded once per
+  # step (no gradient pass). Fixed for a run's checkpoints.
+  config.lock_image = False
+  config.lock_text = False
+  config.lock_image_unlocked_blocks = 0
+  config.lock_text_unlocked_blocks = 0
 
   config.data = _data()
 
@@ -139,6 +148,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.decay_rate = 0.8
   config.optimizer.clipping_threshold = 1.0
   config.optimizer.min_dim_size_to_factor = 128
+  # Frozen parameters (basic/freeze.py): regexes over the '/'-joined parameter path (e.g.
+  # 'image/.*', 'text/encoder/block0[0-3]/.*'; 'log_temperature' and the sigmoid 'bias' are
+  # top-level), fully matched. A frozen leaf gets no optimiser state, no weight decay, no update,
+  # is not in the clipping norm and is not differentiated. () = none.
+  config.optimizer.frozen = ()
+  # Layer-wise learning-rate decay (BEiT, OpenCLIP): a tower's parameter at layer i of L blocks
+  # (embedding 0, block b at b + 1, final norm / pool / projection L + 1) gets lr * d^(L + 1 - i);
+  # the temperature and bias d^0. In (0, 1]; 1.0 = off.
+  config.optimizer.layer_decay = 1.0
+  # Per-group learning-rate multipliers: ((regex, multiplier >= 0), ...) over parameter paths,
+  # fully matched, first match wins; unmatched = 1. Multiplies with layer_decay.
+  config.optimizer.lr_mults = ()
 
   config.mesh = ml_collections.ConfigDict(_MESH)
 

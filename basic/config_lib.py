@@ -151,6 +151,7 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   _int(config, 'optimizer.warmup_steps', 0)
   if config.optimizer.weight_decay < 0:
     _fail('optimizer.weight_decay', config.optimizer.weight_decay, 'must be >= 0.')
+  _validate_freezing(config)
 
   for axis, size in config.mesh.items():
     if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
@@ -158,6 +159,43 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   if 'sharding' in config:
     _validate_sharding(config)
   return original
+
+
+def _regex(field, value, pattern):
+  if not isinstance(pattern, str):
+    _fail(field, value, f'{pattern!r} is not a regex string.')
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    _fail(field, value, f'{pattern!r} is not a valid regex ({e}).')
+
+
+def _validate_freezing(config):
+  """config.lock_image / lock_text bools, lock_*_unlocked_blocks integers >= 0 (only with the
+  lock; at most the tower's depth: basic.freeze); config.optimizer.frozen a tuple of regexes,
+  layer_decay in (0, 1], lr_mults a tuple of (regex, multiplier >= 0) pairs."""
+  for side in ('image', 'text'):
+    locked = _bool(config, f'lock_{side}')
+    if _int(config, f'lock_{side}_unlocked_blocks', 0) and not locked:
+      _fail(f'lock_{side}_unlocked_blocks', config[f'lock_{side}_unlocked_blocks'],
+            f'needs config.lock_{side}=True (the blocks left trainable in a locked tower).')
+  frozen = _get(config, 'optimizer.frozen')
+  if isinstance(frozen, str) or not isinstance(frozen, (tuple, list)):
+    _fail('optimizer.frozen', frozen, "must be a tuple of regexes, e.g. ('image/.*',).")
+  for pattern in frozen:
+    _regex('optimizer.frozen', frozen, pattern)
+  decay = _get(config, 'optimizer.layer_decay')
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+    _fail('optimizer.layer_decay', decay, 'must be a number in (0, 1] (1.0 = off).')
+  mults = _get(config, 'optimizer.lr_mults')
+  if isinstance(mults, str) or not isinstance(mults, (tuple, list)):
+    _fail('optimizer.lr_mults', mults, "must be a tuple of (regex, multiplier) pairs, e.g. "
+          "(('text/.*', 0.1),).")
+  for pair in mults:
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or isinstance(pair[1], bool)
+        or not isinstance(pair[1], (int, float)) or not pair[1] >= 0):
+      _fail('optimizer.lr_mults', mults, f'{pair!r} is not a (regex, multiplier >= 0) pair.')
+    _regex('optimizer.lr_mults', mults, pair[0])
 
 
 def _validate_ema_and_profile(config):
@@ -286,6 +324,8 @@ RESUME_RULES = (
     ('optimizer.factored', FIXED),
     ('ema_decay', FIXED),              # 0 or not: whether the state holds an EMA (checkpoints
                                        # without one fail naming the field); its value: the EMA.
+    ('lock_*', FIXED),                 # frozen leaves hold no optimiser state (basic.freeze).
+    ('optimizer.frozen', FIXED),
     ('tokenizer.model_path', ALLOWED),     # a moved file; its bytes are compared with the
     ('tokenizer.train_sentences', ALLOWED),  # checkpoint's tokenizer (basic.train).
     ('tokenizer.*', FIXED),

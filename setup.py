@@ -32,10 +32,16 @@ INSTALL_REQUIRES = [
     "regex==2026.11.15",
 ]
 
-# `pip install '.[convert]'`: basic.convert.open_clip (reads OpenCLIP / OpenAI CLIP weights) and
-# its tests. torchvision is open_clip_torch's dependency, pinned to match torch.
+# `pip install '.[convert]'`: basic.convert.open_clip (reads OpenCLIP / OpenAI CLIP weights),
+# basic.export.open_clip / basic.export.hf and their tests. torchvision is open_clip_torch's
+# dependency, pinned to match torch. transformers 5.24.0 is the newest release that installs from
+# the package index with torch 2.14.1: 5.25.0 requires `kernels>=0.19.1,<0.20`, which the index
+# lacks (its newest is 0.17.2).
 CONVERT_REQUIRES = ["torch==2.14.1", "torchvision==0.29.1", "open_clip_torch==3.3.0",
-                    "timm==1.0.31", "safetensors==0.8.0"]
+                    "timm==1.0.31", "safetensors==0.8.0", "transformers==5.24.0"]
+
+# `pip install '.[wandb]'`: config.wandb.project logs to Weights & Biases (basic/metric_writers.py).
+WANDB_REQUIRES = ["wandb==0.31.0"]
 
 # `pip install '.[tpu]'`: libtpu, pinned exactly as jax 0.10.2's own `tpu` extra pins it (jax's
 # METADATA: `libtpu==0.0.42.*; extra == "tpu"` and `requests`; resolves libtpu 0.0.42.1). On a
@@ -53,7 +59,8 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.2.0", "gcp-storage-emulator==2026.7.19", "nbclient==0.11.0",
                              "nbformat==5.11.1", "ipykernel==7.4.0", "matplotlib==3.11.2",
-                             "pytest-xdist==3.8.0", "ruff==0.17.5"],
+                             "pytest-xdist==3.8.0", "ruff==0.17.5"] + WANDB_REQUIRES,
                     "convert": CONVERT_REQUIRES,
+                    "wandb": WANDB_REQUIRES,
                     "tpu": TPU_REQUIRES},
 )

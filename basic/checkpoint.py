@@ -338,25 +338,41 @@ def gather_host_values(values) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(local))
 
 
+_STREAM_CURSOR = ('step', 'position', 'dropped')
+
+
 def stream_item(cursor: dict, **extra) -> dict:
   """The JSON 'data' item of a checkpoint from this host's input-stream cursor
   (`basic.data.pipeline.TrainIterator.state()`): every host's position and drop count, gathered
-  ({'process_count': P, 'positions': [P], 'dropped': [P]}), plus the JSON fields `extra` (the
-  train loop's rng and skip count). Every process calls it (a collective)."""
-  rows = gather_host_values([cursor['position'], cursor['dropped']])   # [process_count, 2]
-  return {'process_count': int(rows.shape[0]), 'positions': rows[:, 0].tolist(),
+  ({'process_count': P, 'positions': [P], 'dropped': [P]}), with a source of several streams
+  (the data mixture) each stream's cursor on every host ('streams': {name: {'step': [P],
+  'position': [P], 'dropped': [P]}}), plus the JSON fields `extra` (the train loop's rng and
+  skip count). Every process calls it (a collective)."""
+  streams = cursor.get('streams') or {}
+  names = sorted(streams)
+  rows = gather_host_values([cursor['position'], cursor['dropped']] + [
+      streams[n][k] for n in names for k in _STREAM_CURSOR])   # [process_count, 2 + 3 K]
+  item = {'process_count': int(rows.shape[0]), 'positions': rows[:, 0].tolist(),
           'dropped': rows[:, 1].tolist(), **extra}
+  if names:
+    per_stream = rows[:, 2:].reshape(rows.shape[0], len(names), len(_STREAM_CURSOR))
+    item['streams'] = {n: {k: per_stream[:, i, j].tolist() for j, k in enumerate(_STREAM_CURSOR)}
+                       for i, n in enumerate(names)}
+  return item
 
 
 def host_cursor(data: dict, step: int) -> dict:
   """This host's `TrainIterator` state from a checkpoint's 'data' item, at train step `step`
   (the batches consumed). Written by another number of processes: the record streams (sharded
   per process) restart from their beginning, logged; a synthetic stream, indexed by step, still
-  resumes exactly."""
+  resumes exactly (a mixture's components, each a stream of its own, restart too)."""
   cursor = {'step': step, 'position': 0, 'dropped': 0}
   if data.get('process_count') == jax.process_count():
     cursor['position'] = data['positions'][jax.process_index()]
     cursor['dropped'] = data['dropped'][jax.process_index()]
+    if 'streams' in data:   # A data mixture: each component's cursor on this host.
+      cursor['streams'] = {n: {k: values[jax.process_index()] for k, values in stream.items()}
+                           for n, stream in data['streams'].items()}
   elif any(data.get('positions', [])):
     logging.warning('The checkpoint was written by %s processes, this run has %d: the input '
                     'streams (sharded per process) restart from their beginning.',

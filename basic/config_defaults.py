@@ -21,6 +21,7 @@ import ml_collections
 
 import basic.data
 from basic import models
+from basic.data import mixture as mixture_lib
 from basic.models import renames
 
 # The mesh axes the framework names (basic.sharding): -1 = the remaining devices.
@@ -186,7 +187,7 @@ def get_config() -> ml_collections.ConfigDict:
 def _data() -> ml_collections.ConfigDict:
   """config.data: the fields every source shares, then each registered source's DEFAULTS."""
   data = ml_collections.ConfigDict()
-  data.source = 'synthetic'         # A name in basic.data.SOURCES: 'synthetic' | 'tfds' | ...
+  data.source = 'synthetic'  # A name in basic.data.SOURCES: 'synthetic' | 'tfds' | 'mixture' ...
   # Training resolution and caption length (CLIPA-style reduced values are just smaller ones).
   data.image_size = 32
   data.text_length = 16
@@ -210,6 +211,8 @@ def _data() -> ml_collections.ConfigDict:
   data.augment.erasing_scale = (0.02, 1 / 3)  # ... area fraction of the rectangle,
   data.augment.erasing_ratio = (0.3, 3.3)     # ... its aspect ratio h / w.
   # Each source's fields (basic/data/<source>.py DEFAULTS; the record sources share theirs).
+  # 'mixture' (basic/data/mixture.py): data.mixture = {} maps names to components, each with
+  # `source`, `weight` (no defaults) and its source's DEFAULTS (filled in by `fill`, by name).
   tree = _plain(data)
   for name in basic.data.SOURCES.names():
     tree = _under(tree, getattr(basic.data.SOURCES.get(name), 'DEFAULTS', {}))
@@ -228,7 +231,8 @@ def tower(name: str, *, kind: str = 'image', **fields) -> ml_collections.ConfigD
 
 def fill(config: Any) -> ml_collections.ConfigDict:
   """`config` (a ConfigDict or dict) completed: old names upgraded, then every field it lacks
-  added from the schema, and the fields of its towers from their Models' defaults (by name).
+  added from the schema, the fields of its towers from their Models' defaults (by name) and
+  those of its data mixture's components from their sources' DEFAULTS (by name).
 
   A new ConfigDict; the values `config` has are kept as they are.
   """
@@ -243,6 +247,12 @@ def fill(config: Any) -> ml_collections.ConfigDict:
         schema['model'][kind] = _plain(tower(node['name'], kind=kind))
       else:   # Unknown: left for validate to name.
         schema['model'][kind] = {}
+  mixture = tree.get('data', {}).get('mixture')
+  if isinstance(mixture, dict):   # A mixture component's schema is its source's, by name.
+    schema['data']['mixture'] = {
+        name: _plain(mixture_lib.component_defaults(node['source']))
+        for name, node in mixture.items() if isinstance(node, dict)
+        and node.get('source') in basic.data.SOURCES and node['source'] != 'mixture'}
   return ml_collections.ConfigDict(_under(tree, schema))
 
 

@@ -329,6 +329,11 @@ RESUME_RULES = (
     ('tokenizer.model_path', ALLOWED),     # a moved file; its bytes are compared with the
     ('tokenizer.train_sentences', ALLOWED),  # checkpoint's tokenizer (basic.train).
     ('tokenizer.*', FIXED),
+    ('data.mixture.*.weight', ALLOWED),  # the composition of the steps after the resume.
+    ('data.mixture.*.tfrecord_pattern', ALLOWED),   # a component's paths, throughput: as below.
+    ('data.mixture.*.webdataset_pattern', ALLOWED),
+    ('data.mixture.*.data_dir', ALLOWED),
+    ('data.mixture.*.cache', ALLOWED),
     ('data.tfrecord_pattern', ALLOWED),  # paths that may move.
     ('data.webdataset_pattern', ALLOWED),
     ('data.data_dir', ALLOWED),

@@ -435,8 +435,13 @@ class TrainLoop:
     scalars.update(flops_lib.mfu(self._step_model_flops, steps, elapsed, self._mesh.devices.size,
                                  self._peak_flops))
     scalars['train/nonfinite_skipped'] = self.skipped
-    scalars['data/dropped'] = int(checkpoint_lib.gather_host_values(
-        [self._train_iter.state()['dropped']]).sum())
+    cursor = self._train_iter.state()
+    streams = cursor.get('streams') or {}   # A data mixture: its components' drops too.
+    names = sorted(streams)
+    dropped = checkpoint_lib.gather_host_values(
+        [cursor['dropped']] + [streams[n]['dropped'] for n in names]).sum(0)
+    scalars['data/dropped'] = int(dropped[0])
+    scalars.update({f'data/dropped/{n}': int(d) for n, d in zip(names, dropped[1:])})
     self._writer.write_scalars(self.step, scalars)
     self._window = []
     self._window_start, self._window_first_step = time.perf_counter(), self.step

@@ -22,6 +22,13 @@ turns its host batches into tokenised training batches with a resumable cursor. 
                          counts position minus the examples batched.
   captions(config, n) -> Iterator[str]
                          up to n training captions (to train a tokenizer).
+  streams(config) -> list[str]   (optional)
+                         a source made of several streams, each with its own cursor (the
+                         mixture's components): their names. Its `batches` then also takes
+                         start_streams={name: {'step', 'position', 'dropped'}} and yields
+                         'streams': int64 [len(names), 3], each stream's cursor after the batch;
+                         TrainIterator.state()['streams'] keeps them and the checkpoint saves
+                         them per host.
 
   SOURCES.register('mine', 'my_package.my_source')   # then config.data.source = 'mine'
 """
@@ -32,3 +39,4 @@ SOURCES.register('synthetic', 'basic.data.synthetic')
 SOURCES.register('tfds', 'basic.data.tfds')
 SOURCES.register('tfrecord', 'basic.data.tfrecord')
 SOURCES.register('webdataset', 'basic.data.webdataset')
+SOURCES.register('mixture', 'basic.data.mixture')

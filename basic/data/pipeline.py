@@ -171,11 +171,19 @@ class TrainIterator:
       logging.info('Process %d of %d reads %d file slice(s) of %s.', process_index,
                    process_count, len(self._handle.slices), self._handle.name)
     self._iterator = None
+    # A source of several streams, each with its own cursor (basic/data/__init__.py `streams`).
+    self._stream_names = (list(self._source.streams(config))
+                          if hasattr(self._source, 'streams') else None)
     self.restore(state or {})
 
   def state(self) -> dict:
-    """The cursor after the last batch yielded: {'step', 'position', 'dropped'} (ints)."""
-    return {'step': self._step, 'position': self._position, 'dropped': self._dropped}
+    """The cursor after the last batch yielded: {'step', 'position', 'dropped'} (ints), and for
+    a source of several streams (the mixture) 'streams': {name: {'step', 'position',
+    'dropped'}}."""
+    state = {'step': self._step, 'position': self._position, 'dropped': self._dropped}
+    if self._stream_names is not None:
+      state['streams'] = {name: dict(cursor) for name, cursor in self._streams.items()}
+    return state
 
   def restore(self, state: dict):
     """Continues after the batch whose `state()` this was: {'step': batches consumed,
@@ -190,16 +198,22 @@ class TrainIterator:
     dropped = max(position - step * self.local_batch, 0) if dropped is None else int(dropped)
     self._step, self._position, self._dropped = step, position, dropped
     self._start = (step, position, dropped)
+    if self._stream_names is not None:   # Each sub-stream's cursor (missing: its beginning).
+      saved = state.get('streams') or {}
+      self._streams = {name: {k: int(saved.get(name, {}).get(k, 0))
+                              for k in ('step', 'position', 'dropped')}
+                       for name in self._stream_names}
     self._iterator = None   # A busy tf.data iterator is dropped only once a new one is made.
     self._iterator = self._build()
 
   def _build(self):
     tf = tf_setup.configure_tensorflow()
     step, position, _ = self._start
+    streams = {} if self._stream_names is None else {'start_streams': self._streams}
     ds = self._source.batches(
         self.config, self._handle, start_step=step, start_position=position,
         local_batch=self.local_batch, process_index=self.process_index,
-        process_count=self.process_count)
+        process_count=self.process_count, **streams)
     tokenize = _tokenize_fn(self.config, self.tokenizer, self.process_index, self.process_count)
     ds = ds.map(sources.plain(lambda b: {
         **{k: v for k, v in b.items() if k != 'caption'},
@@ -220,6 +234,10 @@ class TrainIterator:
       step0, position0, dropped0 = self._start
       dropped = dropped0 + (self._position - position0) - (self._step - step0) * self.local_batch
     self._dropped = int(dropped)
+    cursors = batch.pop('streams', None)
+    if cursors is not None:
+      self._streams = {name: dict(zip(('step', 'position', 'dropped'), map(int, row)))
+                       for name, row in zip(self._stream_names, cursors)}
     return batch
 
 

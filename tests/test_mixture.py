@@ -196,6 +196,15 @@ def test_two_hosts_see_disjoint_examples(tmp_path):
   assert ids[0] and ids[1] and not ids[0] & ids[1]
 
 
+def test_caption_stream_takes_each_component_by_weight(data):
+  """The tokenizer's captions: round(n w_c) of each component's own caption stream, by name."""
+  config = _config(8, shapes=_shapes(0.6), photos=_photos(data['shards'], 0.4))
+  captions = list(pipeline.caption_stream(config, 10))
+  photos = list(pipeline.caption_stream(mixture.component_config(config, 'photos'), 4))
+  assert captions == photos + synthetic.ShapesDataset(0, SIZE, 10).captions(6)
+  assert all(c.startswith('photo ') for c in captions[:4])
+
+
 # --- Config errors. -------------------------------------------------------------------------------
 
 

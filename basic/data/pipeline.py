@@ -14,10 +14,13 @@ prefetched, and the cursor is counted:
     s a pure function of (config.data.synthetic.seed, s); nothing is ever dropped.
   'tfds', 'tfrecord': image-text records (basic/data/sources.py, tfds.py, tfrecord.py), each
     host reading its own record stream, exactly replayable from a position.
+  'mixture': weighted named components, each one of the others (basic/data/mixture.py), each
+    its own stream with its own cursor (state()['streams']).
 
 Cursor. `state()` = {'step': batches consumed, 'position': the records of this host's stream
 consumed through the last batch (over all epochs, dropped records included), 'dropped': those
-dropped as bad (position minus the good examples batched so far)}. Saved with a checkpoint and
+dropped as bad (position minus the good examples batched so far)}, and for a source of several
+streams (the mixture) 'streams': {name: such a cursor of each}. Saved with a checkpoint and
 restored, the iterator yields exactly the batches that followed. Skipping to a position reads
 the records before it without decoding them.
 

@@ -99,6 +99,12 @@ def get_config() -> ml_collections.ConfigDict:
   # A checkpoint (workdir, checkpoints dir or step dir; local or gs://) whose parameters start a
   # new run (the next stage of a recipe, fine-tuning); ignored when the workdir has checkpoints.
   config.init_from = ''
+  # The part of config.init_from's checkpoint taken: regexes fully matching '/'-joined parameter
+  # paths as the model names them (e.g. ('image/.*', 'image_proj/.*'): the image tower and its
+  # projection, LiT); the other parameters keep their fresh initialisation, and the checkpoint's
+  # tokenizer is used only if a 'text/...' parameter is taken. A regex matching no parameter is
+  # an error. () = all parameters.
+  config.init_from_params = ()
   # Locked towers (LiT; OpenCLIP --lock-image / --lock-text): the tower's every parameter,
   # its projection to the joint embedding included, is frozen (as config.optimizer.frozen), except
   # its last `*_unlocked_blocks` blocks (0 = fully locked; their layers as in layer_decay, the

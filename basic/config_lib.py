@@ -127,6 +127,7 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   _validate_failure_fields(config)
   if not isinstance(_get(config, 'init_from'), str):
     _fail('init_from', config.init_from, 'must be a path (str); empty for none.')
+  _validate_init_from_params(config)
   _int(config, 'seed', 0)
   _validate_ema_and_profile(config)
 
@@ -196,6 +197,20 @@ def _validate_freezing(config):
         or not isinstance(pair[1], (int, float)) or not pair[1] >= 0):
       _fail('optimizer.lr_mults', mults, f'{pair!r} is not a (regex, multiplier >= 0) pair.')
     _regex('optimizer.lr_mults', mults, pair[0])
+
+
+def _validate_init_from_params(config):
+  """config.init_from_params: a tuple of regexes (each one must also match a parameter of the
+  model: checked against the parameters by basic.train.params_from_checkpoint), only with
+  config.init_from."""
+  patterns = _get(config, 'init_from_params')
+  if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)):
+    _fail('init_from_params', patterns, "must be a tuple of regexes, e.g. ('image/.*',).")
+  for pattern in patterns:
+    _regex('init_from_params', patterns, pattern)
+  if patterns and not config.init_from:
+    _fail('init_from_params', patterns, 'needs config.init_from (the checkpoint to take them '
+          'from).')
 
 
 def _validate_ema_and_profile(config):

@@ -192,7 +192,9 @@ def ensure_tokenizer(config, workdir: str) -> str:
   1. If `config.tokenizer.model_path` is set, it is returned (it must exist; local or gs://).
   2. Else, if `config.init_from` names a checkpoint that carries a tokenizer of
      `config.tokenizer.kind`, that tokenizer (whose ids the checkpoint's embeddings were trained
-     with) is written to {workdir}/tokenizer/{MODEL_FILENAMES[kind]} (or reused if there).
+     with) is written to {workdir}/tokenizer/{MODEL_FILENAMES[kind]} (or reused if there);
+     unless `config.init_from_params` takes no text-tower parameter ('text/...') from it (LiT:
+     a new text tower learns the ids of this run's own tokenizer, as in 3).
   3. Else, for SentencePiece, a model with `config.model.text.vocab_size` pieces is trained on
      the first `config.tokenizer.train_sentences` training captions of config.data's source
      (`basic.data.pipeline.caption_stream`) into {workdir}/tokenizer/spm.model (local or gs://),
@@ -210,7 +212,11 @@ def ensure_tokenizer(config, workdir: str) -> str:
   path = epath.Path(workdir) / 'tokenizer' / MODEL_FILENAMES[kind]
   init_from = config.init_from
   if init_from and jax.process_index() == 0 and not path.exists():
-    _copy_checkpoint_tokenizer(init_from, kind, path)
+    if _takes_text_params(config):
+      _copy_checkpoint_tokenizer(init_from, kind, path)
+    else:
+      logging.info('config.init_from_params=%r takes no text-tower parameter from %s: not using '
+                   'its tokenizer.', tuple(config.init_from_params), init_from)
   if kind == 'sentencepiece' and jax.process_index() == 0:
     _train_or_reuse_cached(config, path)
   if jax.process_count() > 1:
@@ -223,6 +229,20 @@ def ensure_tokenizer(config, workdir: str) -> str:
         f'it to the BPE merges file (bpe_simple_vocab_16e6.txt.gz), or set config.init_from to '
         f'a checkpoint that carries a {kind} tokenizer.')
   return str(path)
+
+
+def _takes_text_params(config) -> bool:
+  """Whether config.init_from_params (() = all) matches a text-tower parameter ('text/...') of
+  the model config describes (basic.models.scan.abstract_params: shapes only)."""
+  patterns = tuple(config.get('init_from_params', ()))
+  if not patterns:
+    return True
+  import jax  # pylint: disable=g-import-not-at-top
+  from basic import sharding  # pylint: disable=g-import-not-at-top
+  from basic.models import posemb, scan  # pylint: disable=g-import-not-at-top
+  names = [sharding.path_str(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(scan.abstract_params(config))]
+  return any(n.startswith('text/') and posemb.matches(n, patterns) for n in names)
 
 
 def _copy_checkpoint_tokenizer(init_from: str, kind: str, path: epath.Path):

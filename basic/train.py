@@ -321,14 +321,41 @@ class PreemptionWatch:
     return self.requested
 
 
-def params_from_checkpoint(path: str, params):
+def params_from_checkpoint(path: str, params, patterns=()):
   """The parameters of the checkpoint at `path` (a workdir, checkpoints dir or step dir, local or
   gs://), adapted to the structure, shapes and shardings of `params`: scanned or unscanned layers
   as `params` has them (basic.models.scan.to_layout), position embeddings resized to a new grid
-  or text length (basic.models.posemb)."""
+  or text length (basic.models.posemb).
+
+  `patterns` (config.init_from_params): regexes fully matching '/'-joined paths of `params` as
+  the model names them ('image/encoder/block03/attn/query/kernel'; a scanned module's stacked
+  parameter is one path). Only the matching parameters are taken from the checkpoint (which
+  needs nothing else: e.g. its text tower may have other sizes); the others keep their values in
+  `params` (the fresh initialisation). () = all.
+
+  Raises:
+    ConfigError naming config.init_from_params if one of `patterns` matches no parameter.
+  """
+  names = [sharding.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  for pattern in patterns:
+    if not any(posemb.matches(name, (pattern,)) for name in names):
+      raise config_lib.ConfigError(
+          f'config.init_from_params={tuple(patterns)!r}: {pattern!r} matches no parameter of '
+          f'the model (paths such as {names[0]!r}, fully matched).')
+  wanted = posemb.select(params, patterns)
   with checkpoint_lib.open_step(path, field='config.init_from') as (ckpt, step):
-    loaded = posemb.adapt_params(scan.to_layout(ckpt.restore_params(step), params), params)
-  return sharding.put_whole(loaded, jax.tree.map(lambda p: p.sharding, params))
+    loaded = posemb.adapt_params(scan.to_layout(ckpt.restore_params(step), wanted), wanted)
+  taken = sharding.put_whole(loaded, jax.tree.map(lambda p: p.sharding, wanted))
+  taken_names = [n for n in names if posemb.matches(n, patterns)]
+  logging.info('init_from: took %d of %d parameters (%d of %d values) from %s step %d: %s%s.',
+               len(taken_names), len(names), sum(x.size for x in jax.tree.leaves(wanted)),
+               sum(x.size for x in jax.tree.leaves(params)), path, step,
+               ', '.join(taken_names[:5]), ', ...' if len(taken_names) > 5 else '')
+  if len(taken_names) < len(names):
+    fresh = [n for n in names if not posemb.matches(n, patterns)]
+    logging.info('init_from: %d parameters keep their fresh initialisation: %s%s.', len(fresh),
+                 ', '.join(fresh[:5]), ', ...' if len(fresh) > 5 else '')
+  return posemb.merge(params, taken)
 
 
 def _resume_data(data: dict, config, step: int):
@@ -596,7 +623,8 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
     data_state = ckpt.restore_data(last_good)
     logging.info('Resumed from checkpoint step %d in %s.', last_good, ckpt.directory)
   elif config.init_from:
-    state = with_params(state, params_from_checkpoint(config.init_from, state.params))
+    state = with_params(state, params_from_checkpoint(config.init_from, state.params,
+                                                      tuple(config.init_from_params)))
     logging.info('Initialised the parameters from %s.', config.init_from)
   start_step = int(state.step)
   cursor, skipped, rng = _resume_data(data_state, config, start_step)

@@ -5,8 +5,13 @@ checkpoint): every parameter of the target model is taken from the loaded tree, 
 the same structure. A learned position embedding whose shape differs (another image grid, another
 text length) is resized to the target's shape by `resize_position_embedding`; any other shape
 difference is an error naming the parameter.
+
+With `config.init_from_params` only a part of the model is taken (LiT: the image tower):
+`select(params, patterns)` is the part, the target of `adapt_params`, and `merge(params, taken)`
+puts the taken part back among the other, freshly initialised, parameters.
 """
-from typing import Any
+import re
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -122,3 +127,31 @@ def adapt_params(loaded: Any, target: Any) -> Any:
     logging.warning('init_from: %d checkpoint parameters are not used by the model: %s',
                     len(unused), ', '.join(unused[:10]))
   return adapted
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+  """Whether one of the regexes `patterns` fully matches the '/'-joined parameter path `name`
+  (e.g. 'image/encoder/block03/attn/query/kernel'); () matches every path."""
+  return not patterns or any(re.fullmatch(p, name) for p in patterns)
+
+
+def select(params: Mapping, patterns: Sequence[str], where: str = '') -> dict:
+  """The leaves of the nested dict `params` whose paths `matches` `patterns`, nested as in
+  `params`; modules with no such leaf are left out (a subtree: same paths, fewer of them)."""
+  out = {}
+  for key, value in params.items():
+    name = f'{where}/{key}' if where else str(key)
+    if isinstance(value, Mapping):
+      part = select(value, patterns, name)
+      if part:
+        out[key] = part
+    elif matches(name, patterns):
+      out[key] = value
+  return out
+
+
+def merge(params: Mapping, taken: Mapping) -> dict:
+  """`params` with every leaf that `taken` (a `select` of it, with new values) holds replaced
+  by taken's: same structure as `params`."""
+  return {key: (merge(value, taken[key]) if isinstance(value, Mapping) else taken[key])
+          if key in taken else value for key, value in params.items()}

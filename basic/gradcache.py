@@ -120,20 +120,55 @@ def encode_full_batch(encode_fn: EncodeFn, params: PyTree, batch: PyTree,
   return unmicrobatch(image_emb), unmicrobatch(text_emb)
 
 
-def _plain_value_and_grad(encode_fn, loss_fn):
-  """K = 1: the whole batch is one microbatch, plain autodiff is the same."""
+def _flags(treedef, frozen):
+  return [False] * treedef.num_leaves if frozen is None else treedef.flatten_up_to(frozen)
+
+
+def split_frozen(params: PyTree, frozen: PyTree):
+  """-> (the leaves of `params` to differentiate (a list), merge), `frozen` a tree of bools
+  like `params` (True: the leaf is a constant). merge(leaves) rebuilds the whole tree from the
+  differentiated leaves and the constants, so that jax.vjp / jax.grad over `leaves` neither
+  differentiates the frozen leaves nor runs the backward of what depends on them alone."""
+  leaves, treedef = jax.tree.flatten(params)
+  flags = _flags(treedef, frozen)
+  constants = [x for x, f in zip(leaves, flags) if f]
+
+  def merge(trained):
+    trained, fixed = iter(trained), iter(constants)
+    return treedef.unflatten([next(fixed) if f else next(trained) for f in flags])
+  return [x for x, f in zip(leaves, flags) if not f], merge
+
+
+def _with_zeros(params, frozen, trained_grads):
+  """The whole gradient tree: `trained_grads` (a list, as split_frozen) and zeros at the
+  frozen leaves."""
+  leaves, treedef = jax.tree.flatten(params)
+  flags = _flags(treedef, frozen)
+  grads = iter(trained_grads)
+  return treedef.unflatten([jnp.zeros(x.shape, x.dtype) if f else next(grads)
+                            for x, f in zip(leaves, flags)])
+
+
+def _plain_value_and_grad(encode_fn, loss_fn, frozen):
+  """K = 1: the whole batch is one microbatch, plain autodiff is the same. Frozen leaves are
+  constants (a locked tower runs its forward only)."""
 
   def f(params, batch, rng):
-    def loss(p):
+    trained, merge = split_frozen(params, frozen)
+
+    def loss(leaves):
+      p = merge(leaves)
       return loss_fn(p, *encode_fn(p, batch, microbatch_rng(rng, 0)))
 
-    return jax.value_and_grad(loss)(params)
+    value, grads = jax.value_and_grad(loss)(trained)
+    return value, _with_zeros(params, frozen, grads)
 
   return f
 
 
 def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
-                   num_microbatches: int, unroll: int = 1):
+                   num_microbatches: int, unroll: int = 1, frozen: PyTree = None,
+                   locked: Tuple[str, ...] = (), encode_side=None):
   """Builds the gradient-cached `(params, batch, rng) -> (loss, grads)`.
 
   Equal (to float32 rounding) to
@@ -151,6 +186,16 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
       True = fully unrolled). Same result. On XLA:CPU a loop body runs far slower than the same
       ops outside a loop (measured in BENCHMARKS.md), so small K is best unrolled there; on
       accelerators keep 1: each unrolled microbatch may hold its activations at once.
+    frozen: None (every parameter is differentiated) or a tree of Python bools like params:
+      True for a leaf that is a constant (basic.freeze: frozen parameters). Its gradient is
+      returned as zeros, and it is never differentiated: the vjp of step 3 is over the other
+      leaves only (`split_frozen`).
+    locked: the sides ('image', 'text') whose embeddings depend on frozen leaves only (a
+      locked tower, projection included). Such a side is embedded once, in step 1; step 2 takes
+      no cotangent for it and step 3 recomputes the other side alone (nothing at all when both
+      are locked). So a locked tower costs one forward pass per example.
+    encode_side: (params, microbatch, rng, side) -> that side's embeddings (m, d), equal to
+      the matching output of encode_fn; needed when exactly one side is locked.
 
   Returns:
     A function (params, batch, rng) -> (loss (), grads like params). For K = 1
@@ -158,15 +203,25 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
   """
   if num_microbatches < 1:
     raise ValueError(f'num_microbatches must be >= 1, got {num_microbatches}.')
+  locked = tuple(locked)
+  if any(side not in ('image', 'text') for side in locked):
+    raise ValueError(f"locked={locked}: the sides are 'image' and 'text'.")
+  if locked and frozen is None:
+    raise ValueError(f'locked={locked} needs the frozen leaves (frozen=...).')
+  if len(locked) == 1 and encode_side is None:
+    raise ValueError(f'locked={locked}: recomputing one side needs encode_side.')
   if num_microbatches == 1:
-    return _plain_value_and_grad(encode_fn, loss_fn)
+    return _plain_value_and_grad(encode_fn, loss_fn, frozen)
+  if locked:
+    return _locked_value_and_grad(encode_fn, loss_fn, num_microbatches, unroll, frozen, locked,
+                                  encode_side)
 
   def f(params, batch, rng):
     microbatches = microbatch(batch, num_microbatches)
     ks = jnp.arange(num_microbatches)
 
     # 1. Embed every microbatch, no tape.
-    frozen = jax.lax.stop_gradient(params)
+    constant = jax.lax.stop_gradient(params)
 
     # The parameters ride in the loop carry behind an optimization barrier, so they are not
     # loop-invariant: otherwise XLA hoists the FSDP all-gathers out of the loops and every
@@ -178,7 +233,7 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
       return p, encode_fn(p, mb, microbatch_rng(rng, k))
 
     _, (image_emb, text_emb) = jax.lax.scan(
-        embed, frozen, (ks, microbatches), unroll=unroll)  # (K, m, d) each.
+        embed, constant, (ks, microbatches), unroll=unroll)  # (K, m, d) each.
 
     # 2. Loss, direct parameter gradients and embedding cotangents.
     loss, (direct, d_image, d_text) = jax.value_and_grad(
@@ -187,25 +242,93 @@ def value_and_grad(encode_fn: EncodeFn, loss_fn: LossFn, *,
     d_image = microbatch(d_image, num_microbatches)  # (K, m, d)
     d_text = microbatch(d_text, num_microbatches)
 
-    # 3. Recompute each microbatch under vjp and pull back its cotangents.
-    def backprop(carry, xs):
-      acc, p = carry
-      k, mb, d_image_k, d_text_k = xs
-      p = jax.lax.optimization_barrier(p)
+    # 3. Recompute each microbatch under vjp and pull back its cotangents (over the trained
+    # leaves; frozen leaves are constants).
+    def pull(p, k, mb, cotangents):
+      trained, merge = split_frozen(p, frozen)
       _, pullback = jax.vjp(
-          lambda q: encode_fn(q, mb, microbatch_rng(rng, k)), p)
-      (grads_k,) = pullback((d_image_k, d_text_k))
-      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads_k)
-      return (acc, p), None
+          lambda q: encode_fn(merge(q), mb, microbatch_rng(rng, k)), trained)
+      (grads_k,) = pullback(cotangents)
+      return grads_k
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (acc, _), _ = jax.lax.scan(backprop, (zeros, params),
-                               (ks, microbatches, d_image, d_text), unroll=unroll)
+    acc = _accumulate(pull, params, frozen, (ks, microbatches, (d_image, d_text)), unroll)
+    return loss, _add_direct(params, frozen, acc, direct)
 
-    # 4. Encoder gradients plus the loss's direct gradients.
-    grads = jax.tree.map(
-        lambda a, d, p: (a + d.astype(jnp.float32)).astype(p.dtype),
-        acc, direct, params)
-    return loss, grads
+  return f
+
+
+def _accumulate(pull, params, frozen, xs, unroll):
+  """Step 3's loop: sum over microbatches of pull(p, k, microbatch, cotangents) (a list of
+  the trained leaves' gradients, as split_frozen), in float32."""
+  trained, _ = split_frozen(params, frozen)
+
+  def backprop(carry, xs):
+    acc, p = carry
+    k, mb, cotangents = xs
+    p = jax.lax.optimization_barrier(p)
+    grads_k = pull(p, k, mb, cotangents)
+    acc = [a + g.astype(jnp.float32) for a, g in zip(acc, grads_k)]
+    return (acc, p), None
+
+  zeros = [jnp.zeros(x.shape, jnp.float32) for x in trained]
+  (acc, _), _ = jax.lax.scan(backprop, (zeros, params), xs, unroll=unroll)
+  return acc
+
+
+def _add_direct(params, frozen, acc, direct):
+  """4. Encoder gradients (the trained leaves, a list) plus the loss's direct gradients, in
+  the parameters' dtypes; zeros at the frozen leaves."""
+  trained, _ = split_frozen(params, frozen)
+  direct, _ = split_frozen(direct, frozen)
+  return _with_zeros(params, frozen, [
+      (a + d.astype(jnp.float32)).astype(x.dtype) for a, d, x in zip(acc, direct, trained)])
+
+
+def _locked_value_and_grad(encode_fn, loss_fn, num_microbatches, unroll, frozen, locked,
+                           encode_side):
+  """value_and_grad with locked sides: step 1 embeds both sides once (no tape), step 2 takes
+  the cotangents of the unlocked side only, step 3 recomputes the unlocked side alone under vjp
+  (skipped when both sides are locked)."""
+  sides = ('image', 'text')
+  free = [i for i, side in enumerate(sides) if side not in locked]
+
+  def f(params, batch, rng):
+    microbatches = microbatch(batch, num_microbatches)
+    ks = jnp.arange(num_microbatches)
+
+    def embed(carry, xs):
+      k, mb = xs
+      p = jax.lax.optimization_barrier(carry)
+      return p, encode_fn(p, mb, microbatch_rng(rng, k))
+
+    _, embeddings = jax.lax.scan(
+        embed, jax.lax.stop_gradient(params), (ks, microbatches), unroll=unroll)
+    embeddings = [jax.lax.stop_gradient(unmicrobatch(z)) for z in embeddings]
+
+    # 2. The loss, its direct gradients and the unlocked side's cotangents.
+    def loss_of(p, *free_embeddings):
+      z = list(embeddings)
+      for i, e in zip(free, free_embeddings):
+        z[i] = e
+      return loss_fn(p, *z)
+
+    loss, (direct, *cotangents) = jax.value_and_grad(
+        loss_of, argnums=tuple(range(1 + len(free))))(params, *[embeddings[i] for i in free])
+    if not free:
+      return loss, _add_direct(params, frozen, [0.0] * len(split_frozen(params, frozen)[0]),
+                               direct)
+    (side,) = [sides[i] for i in free]
+    cotangent = microbatch(cotangents[0], num_microbatches)   # (K, m, d)
+
+    # 3. Recompute the unlocked side of each microbatch under vjp over the trained leaves.
+    def pull(p, k, mb, cot):
+      trained, merge = split_frozen(p, frozen)
+      _, pullback = jax.vjp(
+          lambda q: encode_side(merge(q), mb, microbatch_rng(rng, k), side), trained)
+      (grads_k,) = pullback(cot)
+      return grads_k
+
+    acc = _accumulate(pull, params, frozen, (ks, microbatches, cotangent), unroll)
+    return loss, _add_direct(params, frozen, acc, direct)
 
   return f

@@ -13,8 +13,10 @@ Unlike `optax.adafactor`, whose `weight_decay_rate` is added after the learning-
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from basic import freeze
 from basic import sharding
 
 OPTIMIZERS = ('adamw', 'adafactorw')
@@ -108,8 +110,12 @@ def adafactorw(opt_config, schedule) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def make_optimizer(opt_config, total_steps: int):
-  """-> (optax.GradientTransformation, schedule fn step -> lr)."""
+def make_optimizer(opt_config, total_steps: int, rules=None):
+  """-> (optax.GradientTransformation, schedule fn step -> lr).
+
+  `rules` (basic.freeze.Rules; default: those of `opt_config` alone, `freeze.optimizer_rules`;
+  a run passes `freeze.rules(config)`, which adds the locked towers) freezes parameters and
+  scales their learning rates (`with_rules`)."""
   schedule = learning_rate_schedule(opt_config, total_steps)
   if opt_config.name == 'adamw':
     opt = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
@@ -122,7 +128,53 @@ def make_optimizer(opt_config, total_steps: int):
   if opt_config.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(opt_config.grad_clip_norm))
   chain.append(opt)
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  rules = freeze.optimizer_rules(opt_config) if rules is None else rules
+  return (with_rules(tx, rules) if rules.active else tx), schedule
+
+
+def with_rules(tx, rules) -> optax.GradientTransformation:
+  """`tx` on the trained parameters only, its updates scaled per parameter (basic.freeze).
+
+  chain(zero the gradient of frozen slices, multi_transform({'trained': tx, 'frozen':
+  set_to_zero}), multiply by the lr scale (per slice) and the slice mask). So a frozen leaf has
+  no optimiser state (optax.MaskedNode: no array), no weight decay, no update, and is left out of
+  tx's gradient clipping norm (as are frozen slices, whose gradients are zeroed first). A
+  scanned leaf frozen in some slices keeps state for all of them; its frozen slices see zero
+  gradients and get zero updates. The lr scale multiplies tx's whole update, decoupled weight
+  decay included, as a parameter group's lr does in OpenCLIP / BEiT (update = -lr * scale *
+  (direction + wd * p)).
+  """
+  def masks(tree):
+    mask = freeze.trainable(tree, rules)
+    scale = freeze.lr_scales(tree, rules)
+    return mask, scale
+
+  is_mask = lambda x: isinstance(x, np.ndarray)
+
+  def zero_frozen(updates, state, params=None):
+    del params
+    mask, _ = masks(updates)
+    zeros = jax.tree.map(jnp.zeros_like, updates)
+    return freeze.select(mask, updates, zeros), state
+
+  def scale(updates, state, params=None):
+    del params
+    mask, scales = masks(updates)
+
+    def one(m, sc, u):
+      factor = np.asarray(sc, np.float32) * (np.asarray(m, np.float32) if is_mask(m) else 1.0)
+      if not np.ndim(factor) and float(factor) == 1.0:
+        return u
+      return u * jnp.asarray(freeze.per_slice(factor, u), u.dtype)
+    return jax.tree.map(one, mask, scales, updates, is_leaf=is_mask), state
+
+  empty = lambda params: optax.EmptyState()
+  labels = lambda tree: freeze.label_tree(freeze.trainable(tree, rules))
+  return optax.chain(
+      optax.GradientTransformation(empty, zero_frozen),
+      optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels),
+      optax.GradientTransformation(empty, scale))
 
 
 def ema_update(ema, params, decay: float):

@@ -127,6 +127,7 @@ import jax
 from basic import config_lib
 from basic import contrastive_sharded
 from basic import flops as flops_lib
+from basic import freeze
 from basic import main as _main  # noqa: F401  # pylint: disable=unused-import  (defines --config)
 from basic import models
 from basic import optim
@@ -174,7 +175,7 @@ def compile_step(config, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
   config_lib.validate(config, num_data_devices=mesh.shape[sharding.DATA_AXIS])
   model = models.build(config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps, freeze.rules(config))
   abstract, shardings = train.abstract_train_state(config, model, tx, mesh)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, shardings)

@@ -27,6 +27,7 @@ from basic import config_lib
 from basic import contrastive_sharded
 from basic import flops as flops_lib
 from basic import failures
+from basic import freeze
 from basic import gradcache
 from basic import losses
 from basic import metric_writers
@@ -162,6 +163,19 @@ def make_encode_fn(model, mesh=None):
   return encode_fn
 
 
+def make_encode_side_fn(model, mesh=None):
+  """-> encode_side(params, batch, rng, side) -> the embeddings of one side ('image' | 'text'),
+  equal to that output of `make_encode_fn`'s (flax draws a tower's dropout from its module
+  path, so either tower alone draws the same numbers)."""
+  def encode_side(params, batch, rng, side):
+    context = (contextlib.nullcontext() if mesh is None
+               else jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    with context:
+      return model.apply({'params': params}, batch[side], train=True, rngs={'dropout': rng},
+                         method=f'encode_{side}')
+  return encode_side
+
+
 def make_train_step(config, model, tx, schedule, mesh=None):
   """-> train_step(state, batch, rng) -> (state, metrics), pure; jit it with shardings.
 
@@ -179,12 +193,16 @@ def make_train_step(config, model, tx, schedule, mesh=None):
   With config.ema_decay = d > 0 (an EmaTrainState) the step also updates the EMA of the new
   parameters, ema <- d * ema + (1 - d) * params (basic.optim.ema_update), left unchanged by a
   skipped non-finite update.
+
+  Frozen parameters (basic.freeze: config.optimizer.frozen, config.lock_*) are not
+  differentiated (gradcache's `frozen`; their gradients are zeros, also in train/grad_norm), and
+  keep their exact values, as does their EMA; a fully locked tower is embedded once per step
+  (gradcache's `locked`).
   """
   num_microbatches = config.batch_size // config.microbatch_size
-  value_and_grad = gradcache.value_and_grad(make_encode_fn(model, mesh),
-                                            make_loss_fn(config, mesh),
-                                            num_microbatches=num_microbatches,
-                                            unroll=config.gradcache_unroll)
+  encode_fn, encode_side = make_encode_fn(model, mesh), make_encode_side_fn(model, mesh)
+  loss_fn = make_loss_fn(config, mesh)
+  rules = freeze.rules(config)
 
   nan_at_step = config.debug_nan_at_step
   skip_nonfinite = config.on_nonfinite == 'skip'
@@ -192,7 +210,15 @@ def make_train_step(config, model, tx, schedule, mesh=None):
 
   def train_step(state, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
+    mask = freeze.trainable(state.params, rules) if rules.active else None
+    value_and_grad = gradcache.value_and_grad(
+        encode_fn, loss_fn, num_microbatches=num_microbatches, unroll=config.gradcache_unroll,
+        frozen=None if mask is None else freeze.frozen_leaves(mask),
+        locked=freeze.locked_towers(state.params, rules) if mask is not None else (),
+        encode_side=encode_side)
     loss, grads = value_and_grad(state.params, batch, step_rng)
+    if mask is not None:   # Frozen slices of scanned leaves: differentiated, then zeroed.
+      grads = freeze.select(mask, grads, jax.tree.map(jnp.zeros_like, grads))
     if nan_at_step > 0:   # Fault injection (tests of the non-finite guard).
       nan = jnp.where(state.step + 1 == nan_at_step, jnp.nan, 0.0)
       loss = loss + nan
@@ -201,6 +227,8 @@ def make_train_step(config, model, tx, schedule, mesh=None):
     finite = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if mask is not None:
+      params = freeze.select(mask, params, state.params)
     keep = lambda new, old: jnp.where(finite, new, old)
     if skip_nonfinite:
       params = jax.tree.map(keep, params, state.params)
@@ -208,6 +236,8 @@ def make_train_step(config, model, tx, schedule, mesh=None):
     new_state = dict(step=state.step + 1, params=params, opt_state=opt_state)
     if ema_decay > 0:
       ema = optim.ema_update(state.ema, params, ema_decay)
+      if mask is not None:   # A frozen parameter's EMA is the parameter itself.
+        ema = freeze.select(mask, ema, state.ema)
       new_state['ema'] = jax.tree.map(keep, ema, state.ema) if skip_nonfinite else ema
     metrics = {
         'train/loss': loss,
@@ -273,7 +303,7 @@ def init_training(config, mesh=None):
   """What a run builds before its loop (benchmarks and tests build the same):
   -> (model, tx, schedule, state at step 0, state shardings); `mesh` defaults to config.mesh's."""
   model = models.build(config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps, freeze.rules(config))
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   state, shardings = create_train_state(config, model, tx, mesh)
   return model, tx, schedule, state, shardings

@@ -96,6 +96,18 @@ def get_config() -> ml_collections.ConfigDict:
   # by process 0, or by every process with profile_all_processes; () = off.
   config.profile_steps = ()
   config.profile_all_processes = False
+  # Weights & Biases (`pip install '.[wandb]'`; basic.metric_writers.WandbWriter): process 0 logs
+  # the scalars TensorBoard gets, under the same names, at the training step, to one wandb run
+  # per workdir (its id kept in {workdir}/wandb_run_id; a restart resumes it). '' = no wandb
+  # (nothing imported).
+  config.wandb = ml_collections.ConfigDict()
+  config.wandb.project = ''
+  config.wandb.entity = ''   # The team or user; '' = wandb's default entity.
+  config.wandb.name = ''     # The run's display name; '' = wandb's generated name.
+  config.wandb.tags = ()     # Strings.
+  # 'online' | 'offline' (kept in the wandb dir, `wandb sync` later) | 'disabled'; '' = wandb's
+  # own choice (the WANDB_MODE environment variable, `wandb offline`, else online).
+  config.wandb.mode = ''
   # A checkpoint (workdir, checkpoints dir or step dir; local or gs://) whose parameters start a
   # new run (the next stage of a recipe, fine-tuning); ignored when the workdir has checkpoints.
   config.init_from = ''

@@ -130,6 +130,7 @@ def validate(config: ml_collections.ConfigDict, *, num_processes: int = 1,
   _validate_init_from_params(config)
   _int(config, 'seed', 0)
   _validate_ema_and_profile(config)
+  _validate_wandb(config)
 
   from basic.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.validate(config)   # config.data: the common fields and the source's (basic.data).
@@ -211,6 +212,30 @@ def _validate_init_from_params(config):
   if patterns and not config.init_from:
     _fail('init_from_params', patterns, 'needs config.init_from (the checkpoint to take them '
           'from).')
+
+
+WANDB_MODES = ('', 'online', 'offline', 'disabled')
+
+
+def _validate_wandb(config):
+  """config.wandb: strings, tags a tuple of strings, mode one of WANDB_MODES; the other fields
+  only with a project; a project needs wandb installed (checked without importing it)."""
+  for field in ('project', 'entity', 'name', 'mode'):
+    _str(config, f'wandb.{field}')
+  _choice(config, 'wandb.mode', WANDB_MODES)
+  tags = _get(config, 'wandb.tags')
+  if not isinstance(tags, (tuple, list)) or not all(isinstance(t, str) and t for t in tags):
+    _fail('wandb.tags', tags, 'must be a tuple of non-empty strings.')
+  if not config.wandb.project:
+    for field in ('entity', 'name', 'tags', 'mode'):
+      if config.wandb[field]:
+        _fail(f'wandb.{field}', config.wandb[field],
+              "set without config.wandb.project, so no wandb run is made; set the project too.")
+    return
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('wandb') is None:
+    _fail('wandb.project', config.wandb.project,
+          "Weights & Biases logging needs wandb, which is not installed: pip install '.[wandb]'.")
 
 
 def _validate_ema_and_profile(config):

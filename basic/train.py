@@ -660,7 +660,7 @@ def _train_and_evaluate(config, workdir: str, run: _Run, *, tensorboard_dir=None
   cursor, skipped, rng = _resume_data(data_state, config, start_step)
 
   writer = metric_writers.create_writer(workdir, start_step=start_step,
-                                        tensorboard_dir=tensorboard_dir)
+                                        tensorboard_dir=tensorboard_dir, config=config)
   if start_step == 0:
     writer.write_hparams({'num_params': num_params, **{
         k: v for k, v in config_lib.flatten(config).items() if isinstance(v, (int, float, str))}})

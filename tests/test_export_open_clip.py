@@ -9,7 +9,10 @@ class_embedding = class_embedding + positional_embedding[0], positional_embeddin
 when that row was zero). (2) Tiny basic models (configs/open_clip.py, random init + noise, one
 scanned), exported and loaded by `open_clip.create_model(name, pretrained=file)` (strict), give
 basic.inference's image and text embeddings within EMBED_TOLERANCE and its logit scale / bias.
-(3) Towers OpenCLIP cannot express fail naming the config field.
+(3) Towers OpenCLIP cannot express fail naming the config field. (4) basic.export.hf: a tiny
+basic ViT exported, loaded by transformers.CLIPModel.from_pretrained with its CLIPTokenizer from
+the exported files, gives basic's token ids and embeddings within EMBED_TOLERANCE; towers
+transformers cannot express fail naming the field.
 """
 import json
 import os
@@ -238,7 +241,7 @@ def test_unexportable_towers_fail_naming_the_field():
       export_lib.check_exportable(config(**{field: value}))
 
 
-# --- basic.export.hf (only with transformers). ----------------------------------------------------
+# --- basic.export.hf (transformers, in the convert extra). ----------------------------------------
 
 
 def _features(out):
@@ -274,8 +277,24 @@ def test_basic_vit_exports_to_transformers_clip(tmp_path):
   print(f'{output}: max abs differences {diffs}')
   assert max(diffs.values()) <= EMBED_TOLERANCE, diffs
   np.testing.assert_allclose(model.logit_scale.exp().item(), 1 / loaded.temperature, rtol=1e-6)
-  convnext_config = open_clip_configs.clip_convnext(image_size=64, depths=(1, 1, 1, 1),
-                                                    dims=(8, 8, 8, 8), norm_eps=1e-6, **TEXT)
-  directory = _basic_checkpoint(tmp_path / 'cnx', convnext_config, seed=5)
-  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.image\.name='convnext'"):
-    hf_export.export(directory, str(tmp_path / 'hf_cnx'))
+
+
+def test_towers_transformers_cannot_express_fail_naming_the_field():
+  from basic.export import hf as hf_export  # pylint: disable=g-import-not-at-top
+  def vit(ln_pre=True):
+    return open_clip_configs.clip_vit(image_size=32, patch_size=8, width=64, depth=2,
+                                      num_heads=2, mlp_dim=256, ln_pre=ln_pre, **TEXT)
+  hf_export.check_exportable(vit())
+  convnext = open_clip_configs.clip_convnext(image_size=64, depths=(1, 1, 1, 1),
+                                             dims=(8, 8, 8, 8), norm_eps=1e-6, **TEXT)
+  no_ln_pre = vit(ln_pre=False)
+  sigmoid = vit()
+  sigmoid.loss = 'sigmoid'
+  text_mean = vit()
+  text_mean.model.text.pool = 'mean'   # basic.export.open_clip's checks come first.
+  for config, match in ((convnext, r"config\.model\.image\.name='convnext'"),
+                        (no_ln_pre, r'config\.model\.image\.ln_pre=False'),
+                        (sigmoid, r"config\.loss='sigmoid'"),
+                        (text_mean, r"config\.model\.text\.pool='mean'")):
+    with pytest.raises(config_lib.ConfigError, match=match):
+      hf_export.check_exportable(config)

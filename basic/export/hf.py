@@ -111,11 +111,9 @@ def bpe_vocab(merges_gz: bytes) -> tuple[dict, list]:
   return {token: i for i, token in enumerate(vocab)}, merges
 
 
-def export(checkpoint: str, output: str, *, step: Optional[int] = None) -> str:
-  """Writes the CLIPModel directory `output`. -> output."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  config, params, tokenizer = open_clip_export.load(checkpoint, step)
+def check_exportable(config):
+  """Raises ConfigError naming the field if transformers' CLIPModel cannot express the model:
+  basic.export.open_clip's checks, then a ViT image tower with ln_pre and no sigmoid bias."""
   open_clip_export.check_exportable(config)
   if config.model.image.name != 'vit':
     raise config_lib.ConfigError(f'config.model.image.name={config.model.image.name!r}: '
@@ -123,7 +121,18 @@ def export(checkpoint: str, output: str, *, step: Optional[int] = None) -> str:
   if not config.model.image.ln_pre:
     raise config_lib.ConfigError("config.model.image.ln_pre=False: transformers' CLIP ViT "
                                  'always has its pre-Transformer LayerNorm.')
-  if 'bias' in params:
+  if config.loss == 'sigmoid':
+    raise config_lib.ConfigError("config.loss='sigmoid': transformers' CLIPModel has no logit "
+                                 'bias.')
+
+
+def export(checkpoint: str, output: str, *, step: Optional[int] = None) -> str:
+  """Writes the CLIPModel directory `output`. -> output."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config, params, tokenizer = open_clip_export.load(checkpoint, step)
+  check_exportable(config)
+  if 'bias' in params:   # Another loss with a bias parameter.
     raise config_lib.ConfigError(f"config.loss={config.loss!r}: transformers' CLIPModel has no "
                                  'logit bias.')
   arch = open_clip_export.architecture(params, config)

@@ -6,6 +6,7 @@ import pytest
 
 from basic import checkpoint as checkpoint_lib
 from basic import config_lib
+from basic import metric_writers
 from basic import sharding
 from basic import tokenizer as tokenizer_lib
 from basic import train
@@ -146,3 +147,29 @@ def test_lit_full_config_takes_the_checkpoint_image_tower(source):
   assert got == {n: v.shape for n, v in saved.items() if n.startswith('image')}
   with pytest.raises(ValueError, match='configs/lit.py needs the checkpoint'):
     lit.get_config()
+
+
+@pytest.mark.slow
+def test_lit_runlocal_trains_a_text_tower_against_the_locked_image_tower(tmp_path):
+  """The two runs of the README's LiT twin, 3 steps each: the LiT run's image tower and
+  projection end bit-equal to the first run's, and its zero-shot is logged."""
+  short = dict(total_steps=3, log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3,
+               batch_size=32, microbatch_size=32)
+  first, second = str(tmp_path / 'tiny'), str(tmp_path / 'lit')
+  for config, workdir in ((tiny.get_config(), first),
+                          (lit.get_config(f'runlocal,init_from={first}'), second)):
+    config.update(short)
+    config.tokenizer.train_sentences = 1000
+    train.train_and_evaluate(config, workdir)
+
+  def params(workdir):
+    with checkpoint_lib.open_step(workdir) as (ckpt, step):
+      assert step == 3
+      return _leaves(ckpt.restore_params(step))
+  before, after = params(first), params(second)
+  image = [n for n in before if n.startswith(('image/', 'image_proj/'))]
+  assert len(image) == 54
+  for name in image:
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  rows = metric_writers.read_jsonl(f'{second}/metrics.jsonl')
+  assert any(r['step'] == 3 and 0 <= r.get('zeroshot/top1', -1) <= 1 for r in rows)
